@@ -1,0 +1,131 @@
+"""The public entry points: plan, acify and deploy."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .block import INITS, ACBlock, resolve_padding
+from .errors import ACNetError
+from .graph import Plan, analyze
+from .surgery import replace_module
+
+PLAN_ATTR = "acnet_plan"
+
+
+def plan(
+    model: nn.Module,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_kernel: int = 3,
+    max_kernel: int | None = None,
+) -> Plan:
+    """Report, without changing anything, what ``acify`` would do with every conv of ``model``."""
+    _check_model(model, "plan")
+    return analyze(model, _patterns(include), _patterns(exclude), min_kernel, max_kernel)
+
+
+def acify(
+    model: nn.Module,
+    *,
+    inplace: bool = False,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    init: str = "preserve",
+    gamma_init: float = 1.0,
+    min_kernel: int = 3,
+    max_kernel: int | None = None,
+) -> nn.Module:
+    """Turn every eligible Conv2d (with the BatchNorm after it) into an ACBlock for training.
+
+    Returns a model of the same class (a copy unless ``inplace``); its ``acnet_plan``
+    attribute lists every conv site with the decision taken and why.
+    """
+    _check_model(model, "acify")
+    if init not in INITS:
+        raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
+    if isinstance(model, nn.Conv2d):
+        raise ACNetError("acify needs a model that contains convs; wrap a single conv with ACBlock.from_conv")
+    report = plan(model, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel)
+    if not inplace:
+        model = copy.deepcopy(model)
+    for site in report.converted:
+        conv = model.get_submodule(site.name)
+        bn = model.get_submodule(site.bn) if site.bn else None
+        replace_module(model, site.name, ACBlock.from_conv(conv, bn, init=init, gamma_init=gamma_init))
+        if site.bn:
+            replace_module(model, site.bn, nn.Identity())
+    setattr(model, PLAN_ATTR, report)
+    if report.trace_failures:
+        untraced = [s.name for s in report.converted if s.reason.startswith("not traced")]
+        if untraced:
+            warnings.warn(
+                f"torch.fx could not trace {len(report.trace_failures)} module(s) "
+                f"(first: {next(iter(report.trace_failures))!r}); {len(untraced)} conv(s) there were converted "
+                f"without absorbing their BatchNorm: see model.{PLAN_ATTR}",
+                stacklevel=2,
+            )
+    return model
+
+
+def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True) -> nn.Module:
+    """Fuse every ACBlock of ``model`` into one plain Conv2d; the result computes the same function in eval mode.
+
+    With ``check`` each fused conv is compared with its block in float64 on a random
+    input first; a mismatch raises ``ACNetError`` and leaves the model untouched.
+    """
+    _check_model(model, "deploy")
+    if isinstance(model, ACBlock):
+        raise ACNetError("deploy needs a model that contains ACBlocks; for a single block call block.fuse()")
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, ACBlock)}
+    fused = {}
+    for name, block in blocks.items():
+        weight, bias = block.fused_kernel()
+        if check:
+            _check_fusion(name, block, weight, bias)
+        fused[name] = block.fuse(weight, bias)
+    if inplace:
+        for name, conv in fused.items():
+            replace_module(model, name, conv)
+    else:
+        model = copy.deepcopy(model, memo={id(blocks[name]): conv for name, conv in fused.items()})
+    model.__dict__.pop(PLAN_ATTR, None)
+    return model
+
+
+def _check_fusion(name: str, block: ACBlock, weight: torch.Tensor, bias: torch.Tensor, tolerance: float = 1e-8) -> None:
+    """Compare the block with its fused float64 kernel on a small random float64 input."""
+    k, s, d = block.kernel_size, block.stride, block.dilation
+    pad = resolve_padding(block.padding, k, d)
+    size = [di * (ki - 1) + 1 + 2 * si + 2 * pi for ki, si, di, pi in zip(k, s, d, pad)]
+    x = torch.randn(1, block.in_channels, *size, dtype=torch.float64, device=block.branches["square"].conv.weight.device)
+    state = {n: t.detach().to(torch.float64) for n, t in [*block.named_parameters(), *block.named_buffers()]
+             if t.is_floating_point()}  # fmt: skip
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            want = torch.func.functional_call(block, state, (x,))
+            conv = block.branches["square"].conv
+            got = conv._conv_forward(x, weight, bias)
+    finally:
+        block.train(was_training)
+    err = (want - got).abs().max().item()
+    if err > tolerance * max(1.0, want.abs().max().item()):
+        raise ACNetError(f"fusing {name or '<root>'} is not exact (max error {err:.3g}); the model was left unchanged")
+
+
+def _check_model(model: object, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise ACNetError(f"{what} expects a torch.nn.Module, got {type(model).__name__}")
+
+
+def _patterns(patterns: Sequence[str] | str | None) -> list[str] | None:
+    if patterns is None:
+        return None
+    return [patterns] if isinstance(patterns, str) else list(patterns)

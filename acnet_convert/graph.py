@@ -1,0 +1,280 @@
+"""Data-flow analysis with torch.fx: which convs to convert, and which BatchNorm each absorbs.
+
+Nothing here mutates the model: ``analyze`` returns plain ``Site`` records.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .block import ACBlock
+
+FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+@dataclass
+class Site:
+    """One conv of the model and what acify does with it."""
+
+    name: str
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    groups: int
+    action: str  # "convert", "skip" or "done" (already an ACBlock)
+    reason: str = ""
+    bn: str | None = None  # the BatchNorm absorbed into the block, if any
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Plan:
+    """Every conv site of a model with the decision taken for it."""
+
+    sites: list[Site] = field(default_factory=list)
+    trace_failures: dict[str, str] = field(default_factory=dict)  # module name -> why fx could not trace it
+
+    @property
+    def converted(self) -> list[Site]:
+        return [s for s in self.sites if s.action == "convert"]
+
+    @property
+    def skipped(self) -> list[Site]:
+        return [s for s in self.sites if s.action == "skip"]
+
+    def summary(self) -> str:
+        absorbed = sum(1 for s in self.converted if s.bn)
+        done = len(self.sites) - len(self.converted) - len(self.skipped)
+        return (
+            f"{len(self.sites)} conv sites: {len(self.converted)} converted ({absorbed} with their BatchNorm), "
+            f"{len(self.skipped)} skipped, {done} already converted"
+        )
+
+    def __str__(self) -> str:
+        rows = [f"{s.action:8} {s.name or '<root>'}  k={s.kernel} s={s.stride} g={s.groups}"
+                + (f"  +bn {s.bn}" if s.bn else "") + (f"  ({s.reason})" if s.reason else "")
+                for s in self.sites]  # fmt: skip
+        return "\n".join([*rows, self.summary()])
+
+
+class _Tracer(fx.Tracer):
+    """Stops at convs, BatchNorms and ACBlocks so that each shows up as one call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, _BatchNorm, ACBlock)) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class _Flow:
+    """What the traced graphs say about module use."""
+
+    calls: list[Counter] = field(default_factory=list)  # per graph: module name -> number of calls
+    users: dict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))  # conv -> BN or None, per call
+    blockers: dict[str, str] = field(default_factory=dict)  # conv -> why its output cannot be absorbed
+    bn_input: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # BN -> modules feeding it
+    read_directly: dict[str, str] = field(default_factory=dict)  # module -> attribute read by the graph
+    traced: set[str] = field(default_factory=set)  # module names inside a traced region
+
+
+def analyze(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_kernel: int = 3,
+    max_kernel: int | None = None,
+) -> Plan:
+    """Decide, for every Conv2d of ``model``, whether and how it becomes an ACBlock."""
+    plan = Plan()
+    flow = _trace_flow(model, plan.trace_failures)
+    aliases = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    claimed: set[str] = set()
+    for name, module in modules.items():
+        if _inside_block(name, modules):
+            continue
+        if isinstance(module, ACBlock):
+            plan.sites.append(Site(name, module.kernel_size, module.stride, module.groups, "done", "already an ACBlock"))
+        elif isinstance(module, nn.Conv2d):
+            site = Site(name, tuple(module.kernel_size), tuple(module.stride), module.groups, "convert")
+            why_not = _why_not_eligible(name, module, aliases, flow, include, exclude, min_kernel, max_kernel)
+            if why_not:
+                site.action, site.reason = "skip", why_not
+            else:
+                site.bn, site.reason = _absorbable_bn(name, modules, aliases, flow, claimed)
+            plan.sites.append(site)
+    _warn_unmatched(model, include, "include")
+    _warn_unmatched(model, exclude, "exclude")
+    return plan
+
+
+def _trace_flow(model: nn.Module, failures: dict[str, str]) -> _Flow:
+    """Trace the model (or else its largest traceable submodules) in train and eval mode."""
+    flow = _Flow()
+    modes = {m: m.training for m in model.modules()}
+    try:
+        _trace_region(model, "", flow, failures)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return flow
+
+
+def _trace_region(module: nn.Module, prefix: str, flow: _Flow, failures: dict[str, str]) -> None:
+    if isinstance(module, (nn.Conv2d, _BatchNorm, ACBlock)):
+        return
+    graphs = []
+    try:
+        for training in (True, False):
+            module.train(training)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graphs.append(_Tracer().trace(module))
+    except Exception as exc:  # fx raises many kinds of errors on untraceable code
+        failures[prefix] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        for child_name, child in module.named_children():
+            _trace_region(child, f"{prefix}{child_name}.", flow, failures)
+        return
+    flow.traced.update(f"{prefix}{n}" for n, _ in module.named_modules())
+    for graph in graphs:
+        _read_graph(graph, module, prefix, flow)
+
+
+def _read_graph(graph: fx.Graph, root: nn.Module, prefix: str, flow: _Flow) -> None:
+    calls: Counter = Counter()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            owner = str(node.target).rpartition(".")[0]
+            flow.read_directly.setdefault(prefix + owner, f"its attribute {node.target} is read directly")
+        if node.op != "call_module":
+            continue
+        name = prefix + str(node.target)
+        calls[name] += 1
+        module = root.get_submodule(str(node.target))
+        if isinstance(module, _BatchNorm):
+            sources = [a for a in node.all_input_nodes]
+            flow.bn_input[name].update(prefix + str(a.target) if a.op == "call_module" else a.name for a in sources)
+            if len(node.args) != 1 or node.kwargs:
+                flow.bn_input[name].add("<extra arguments>")
+        if isinstance(module, nn.Conv2d):
+            users = list(node.users)
+            user = users[0] if len(users) == 1 else None
+            if user is not None and user.op == "call_module" and isinstance(
+                root.get_submodule(str(user.target)), _BatchNorm
+            ):
+                flow.users[name].append(prefix + str(user.target))
+            else:
+                flow.users[name].append(None)
+                flow.blockers.setdefault(name, _describe_users(users))
+    flow.calls.append(calls)
+
+
+def _describe_users(users: list[fx.Node]) -> str:
+    if not users:
+        return "its output is unused"
+    if len(users) > 1:
+        return f"its output feeds {len(users)} operations"
+    user = users[0]
+    what = user.target if user.op == "call_module" else getattr(user.target, "__name__", str(user.target))
+    return f"its output feeds {what}, not a BatchNorm module"
+
+
+def _why_not_eligible(name, conv, aliases, flow, include, exclude, min_kernel, max_kernel) -> str:
+    """Why ``conv`` must not become an ACBlock, or '' when it may."""
+    kernel = tuple(conv.kernel_size)
+    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+        return f"{type(conv).__name__} overrides forward()"
+    if hasattr(conv, "parametrizations"):
+        return "weight is parametrized (e.g. weight/spectral norm)"
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        return "lazy conv not initialised yet: run one forward first"
+    if any(k % 2 == 0 for k in kernel):
+        return "even kernel side: the 1xK/Kx1 branches have no centre row/column"
+    if any(k < min_kernel for k in kernel):
+        return f"kernel side below {min_kernel}"
+    if max_kernel is not None and any(k > max_kernel for k in kernel):
+        return f"kernel side above max_kernel={max_kernel}"
+    if not conv.weight.is_floating_point():
+        return f"weight dtype {conv.weight.dtype} is not floating point"
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return "not matched by include"
+    if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        return "matched by exclude"
+    if aliases[id(conv)] > 1:
+        return "registered under several names"
+    if _has_hooks(conv):
+        return "has hooks registered on it"
+    if name in flow.read_directly:
+        return flow.read_directly[name]
+    return ""
+
+
+def _absorbable_bn(name, modules, aliases, flow, claimed) -> tuple[str | None, str]:
+    """The BatchNorm this conv may absorb (proven by every traced graph), and a note when none."""
+    if name not in flow.traced:
+        return None, "not traced by torch.fx: converted without absorbing a BatchNorm"
+    seen = flow.users.get(name)
+    if not seen:
+        return None, "not called by the traced forward: converted without absorbing a BatchNorm"
+    if name in flow.blockers:
+        return None, flow.blockers[name]
+    calls = max(c[name] for c in flow.calls if name in c)
+    if calls > 1:
+        return None, f"called {calls} times per forward"
+    bn_names = set(seen)
+    if len(bn_names) > 1:
+        return None, "feeds different BatchNorms in train and eval mode"
+    bn_name = bn_names.pop()
+    bn = modules.get(bn_name)
+    problem = _bn_problem(bn_name, bn, modules[name], aliases, flow, claimed, name)
+    if problem:
+        return None, f"BatchNorm {bn_name} {problem}"
+    claimed.add(bn_name)
+    return bn_name, ""
+
+
+def _bn_problem(bn_name, bn, conv, aliases, flow, claimed, conv_name) -> str:
+    if type(bn) not in FOLDABLE_BN:
+        return f"is a {type(bn).__name__}, not BatchNorm2d/SyncBatchNorm"
+    if not bn.track_running_stats or bn.running_mean is None:
+        return "tracks no running statistics, so it cannot be folded"
+    if bn.num_features != conv.out_channels:
+        return "has a different number of channels"
+    if max(c[bn_name] for c in flow.calls if bn_name in c) > 1:
+        return "is called more than once per forward"
+    if flow.bn_input[bn_name] != {conv_name}:
+        return "also receives other inputs"
+    if aliases[id(bn)] > 1:
+        return "is registered under several names"
+    if _has_hooks(bn):
+        return "has hooks registered on it"
+    if bn_name in flow.read_directly:
+        return flow.read_directly[bn_name]
+    if bn_name in claimed:
+        return "is already absorbed by another conv"
+    return ""
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def _inside_block(name: str, modules: dict[str, nn.Module]) -> bool:
+    parts = name.split(".")
+    return any(isinstance(modules.get(".".join(parts[:i])), ACBlock) for i in range(1, len(parts)))
+
+
+def _warn_unmatched(model: nn.Module, patterns: Sequence[str] | None, what: str) -> None:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for pattern in patterns or ():
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            warnings.warn(f"{what} pattern {pattern!r} matches no Conv2d; names look like {names[:3]}", stacklevel=3)
