@@ -138,7 +138,6 @@ class ACBlock(nn.Module):
         self.padding, self.groups, self.padding_mode = square.padding, square.groups, square.padding_mode
         padding = resolve_padding(square.padding, square.kernel_size, square.dilation)
         factory = {"device": square.weight.device, "dtype": square.weight.dtype}
-        branch_bn = bn if bn is not None else nn.BatchNorm2d(square.out_channels, **factory)
         branches = {"square": ACBranch(square, bn if bn is not None else nn.Identity(), (0, 0))}
         for name, kernel in (("hor", (1, kw)), ("ver", (kh, 1))):
             geo = branch_geometry(square.kernel_size, kernel, padding, square.dilation)
@@ -146,8 +145,7 @@ class ACBlock(nn.Module):
                 square.in_channels, square.out_channels, geo.kernel, square.stride, geo.padding,
                 square.dilation, square.groups, False, square.padding_mode, **factory,
             )  # fmt: skip
-            new_bn = _like_bn(branch_bn, **factory)
-            branches[name] = ACBranch(conv, new_bn, geo.crop)
+            branches[name] = ACBranch(conv, _branch_bn(bn, square.out_channels, **factory), geo.crop)
         self.branches = nn.ModuleDict(branches)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -183,7 +181,9 @@ class ACBlock(nn.Module):
         )
 
 
-def _like_bn(bn: _BatchNorm, **factory) -> _BatchNorm:
-    """A fresh affine BatchNorm of the same class, eps and momentum as ``bn``."""
-    cls = type(bn) if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) else nn.BatchNorm2d
-    return cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=True, track_running_stats=True, **factory)
+def _branch_bn(absorbed: _BatchNorm | None, channels: int, **factory) -> _BatchNorm:
+    """A fresh affine BatchNorm for a new branch: class, eps and momentum follow the absorbed one, if any."""
+    if absorbed is None:
+        return nn.BatchNorm2d(channels, **factory)
+    cls = nn.SyncBatchNorm if isinstance(absorbed, nn.SyncBatchNorm) else nn.BatchNorm2d
+    return cls(channels, eps=absorbed.eps, momentum=absorbed.momentum, **factory)

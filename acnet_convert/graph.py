@@ -6,12 +6,13 @@ Nothing here mutates the model: ``analyze`` returns plain ``Site`` records.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -130,14 +131,15 @@ def _trace_flow(model: nn.Module, failures: dict[str, str]) -> _Flow:
 
 
 def _trace_region(module: nn.Module, prefix: str, flow: _Flow, failures: dict[str, str]) -> None:
-    if isinstance(module, (nn.Conv2d, _BatchNorm, ACBlock)):
+    if isinstance(module, (nn.Conv2d, _BatchNorm, ACBlock)) or not any(
+        isinstance(m, nn.Conv2d) for m in module.modules()
+    ):
         return
     graphs = []
     try:
-        for training in (True, False):
-            module.train(training)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        with _quiet():
+            for training in (True, False):
+                module.train(training)
                 graphs.append(_Tracer().trace(module))
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
         failures[prefix] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
@@ -147,6 +149,20 @@ def _trace_region(module: nn.Module, prefix: str, flow: _Flow, failures: dict[st
     flow.traced.update(f"{prefix}{n}" for n, _ in module.named_modules())
     for graph in graphs:
         _read_graph(graph, module, prefix, flow)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the warnings and log lines fx emits while tracing user code."""
+    logger = logging.getLogger("torch.fx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _read_graph(graph: fx.Graph, root: nn.Module, prefix: str, flow: _Flow) -> None:
@@ -174,18 +190,21 @@ def _read_graph(graph: fx.Graph, root: nn.Module, prefix: str, flow: _Flow) -> N
                 flow.users[name].append(prefix + str(user.target))
             else:
                 flow.users[name].append(None)
-                flow.blockers.setdefault(name, _describe_users(users))
+                flow.blockers.setdefault(name, _describe_users(users, root))
     flow.calls.append(calls)
 
 
-def _describe_users(users: list[fx.Node]) -> str:
+def _describe_users(users: list[fx.Node], root: nn.Module) -> str:
     if not users:
         return "its output is unused"
     if len(users) > 1:
         return f"its output feeds {len(users)} operations"
     user = users[0]
-    what = user.target if user.op == "call_module" else getattr(user.target, "__name__", str(user.target))
-    return f"its output feeds {what}, not a BatchNorm module"
+    if user.op == "output":
+        return "its output is returned by forward()"
+    if user.op == "call_module":
+        return f"its output feeds {user.target} ({type(root.get_submodule(str(user.target))).__name__}), not a BatchNorm"
+    return f"its output feeds {getattr(user.target, '__name__', user.target)}(), not a BatchNorm module"
 
 
 def _why_not_eligible(name, conv, aliases, flow, include, exclude, min_kernel, max_kernel) -> str:
@@ -225,11 +244,11 @@ def _absorbable_bn(name, modules, aliases, flow, claimed) -> tuple[str | None, s
     seen = flow.users.get(name)
     if not seen:
         return None, "not called by the traced forward: converted without absorbing a BatchNorm"
-    if name in flow.blockers:
-        return None, flow.blockers[name]
     calls = max(c[name] for c in flow.calls if name in c)
     if calls > 1:
         return None, f"called {calls} times per forward"
+    if name in flow.blockers:
+        return None, flow.blockers[name]
     bn_names = set(seen)
     if len(bn_names) > 1:
         return None, "feeds different BatchNorms in train and eval mode"
