@@ -109,7 +109,7 @@ def _check_fusion(name: str, block: ACBlock, weight: torch.Tensor, bias: torch.T
     was_training = block.training
     block.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             want = torch.func.functional_call(block, state, (x,))
             conv = block.branches["square"].conv
             got = conv._conv_forward(x, weight, bias)
