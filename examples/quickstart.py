@@ -1,16 +1,12 @@
 """Convert the paper's small CNN, train it briefly, deploy it and prove the deployed model is the same."""
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from small_cnn import SmallCNN  # noqa: E402
-
-from acnet_convert import acify, deploy, verify  # noqa: E402
+from acnet_convert import acify, deploy, verify
+from acnet_convert.models import SmallCNN
 
 
 def main() -> None:
