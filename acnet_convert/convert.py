@@ -24,10 +24,13 @@ def plan(
     exclude: Sequence[str] | None = None,
     min_kernel: int = 3,
     max_kernel: int | None = None,
+    example_inputs: tuple | None = None,
 ) -> Plan:
     """Report, without changing anything, what ``acify`` would do with every conv of ``model``."""
     _check_model(model, "plan")
-    return analyze(model, _patterns(include), _patterns(exclude), min_kernel, max_kernel)
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    return analyze(model, _patterns(include), _patterns(exclude), min_kernel, max_kernel, example_inputs)
 
 
 def acify(
@@ -40,18 +43,23 @@ def acify(
     gamma_init: float = 1.0,
     min_kernel: int = 3,
     max_kernel: int | None = None,
+    example_inputs: tuple | None = None,
 ) -> nn.Module:
     """Turn every eligible Conv2d (with the BatchNorm after it) into an ACBlock for training.
 
     Returns a model of the same class (a copy unless ``inplace``); its ``acnet_plan``
-    attribute lists every conv site with the decision taken and why.
+    attribute lists every conv site with the decision taken and why.  ``example_inputs``
+    (run once in eval mode) let convs inside code that torch.fx cannot trace be analysed too.
     """
     _check_model(model, "acify")
     if init not in INITS:
         raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
     if isinstance(model, nn.Conv2d):
         raise ACNetError("acify needs a model that contains convs; wrap a single conv with ACBlock.from_conv")
-    report = plan(model, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel)
+    report = plan(
+        model, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel,
+        example_inputs=example_inputs,
+    )  # fmt: skip
     if not inplace:
         model = copy.deepcopy(model)
     for site in report.converted:
@@ -61,15 +69,14 @@ def acify(
         if site.bn:
             replace_module(model, site.bn, nn.Identity())
     setattr(model, PLAN_ATTR, report)
-    if report.trace_failures:
-        untraced = [s.name for s in report.converted if s.reason.startswith("not traced")]
-        if untraced:
-            warnings.warn(
-                f"torch.fx could not trace {len(report.trace_failures)} module(s) "
-                f"(first: {next(iter(report.trace_failures))!r}); {len(untraced)} conv(s) there were converted "
-                f"without absorbing their BatchNorm: see model.{PLAN_ATTR}",
-                stacklevel=2,
-            )
+    untraced = [s.name for s in report.skipped if "example_inputs" in s.reason]
+    if untraced:
+        warnings.warn(
+            f"torch.fx could not trace {len(report.trace_failures)} module(s) "
+            f"(first: {next(iter(report.trace_failures))!r}); {len(untraced)} conv(s) there were left unconverted: "
+            f"pass example_inputs=... to acify to analyse them, see model.{PLAN_ATTR}",
+            stacklevel=2,
+        )
     return model
 
 

@@ -5,10 +5,13 @@ Nothing here mutates the model: ``analyze`` returns plain ``Site`` records.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import inspect
 import logging
+import textwrap
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +21,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .block import ACBlock
+from .flow import Flow
+from .runtime import probe_flow
 
 FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -75,28 +80,23 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (nn.Conv2d, _BatchNorm, ACBlock)) or super().is_leaf_module(m, qualname)
 
 
-@dataclass
-class _Flow:
-    """What the traced graphs say about module use."""
-
-    calls: list[Counter] = field(default_factory=list)  # per graph: module name -> number of calls
-    users: dict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))  # conv -> BN or None, per call
-    blockers: dict[str, str] = field(default_factory=dict)  # conv -> why its output cannot be absorbed
-    bn_input: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # BN -> modules feeding it
-    read_directly: dict[str, str] = field(default_factory=dict)  # module -> attribute read by the graph
-    traced: set[str] = field(default_factory=set)  # module names inside a traced region
-
-
 def analyze(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     min_kernel: int = 3,
     max_kernel: int | None = None,
+    example_inputs: tuple | None = None,
 ) -> Plan:
-    """Decide, for every Conv2d of ``model``, whether and how it becomes an ACBlock."""
+    """Decide, for every Conv2d of ``model``, whether and how it becomes an ACBlock.
+
+    fx graphs speak for the parts that trace; ``example_inputs``, when given, are run once
+    to speak for the rest.
+    """
     plan = Plan()
-    flow = _trace_flow(model, plan.trace_failures)
+    traced = _trace_flow(model, plan.trace_failures)
+    probed = probe_flow(model, example_inputs) if example_inputs is not None and plan.trace_failures else Flow()
+    flows = (traced, probed)
     aliases = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     modules = dict(model.named_modules())
     claimed: set[str] = set()
@@ -107,9 +107,14 @@ def analyze(
             plan.sites.append(Site(name, module.kernel_size, module.stride, module.groups, "done", "already an ACBlock"))
         elif isinstance(module, nn.Conv2d):
             site = Site(name, tuple(module.kernel_size), tuple(module.stride), module.groups, "convert")
-            why_not = _why_not_eligible(name, module, aliases, flow, include, exclude, min_kernel, max_kernel)
+            why_not = _why_not_eligible(name, module, aliases, flows, include, exclude, min_kernel, max_kernel)
+            flow = traced if name in traced.covered else probed
+            if not why_not and name not in flow.covered:
+                why_not = _not_provably_called_only(model, name, plan.trace_failures)
             if why_not:
                 site.action, site.reason = "skip", why_not
+            elif name not in flow.covered:
+                site.reason = "in code torch.fx cannot trace, only ever called: converted without absorbing a BatchNorm"
             else:
                 site.bn, site.reason = _absorbable_bn(name, modules, aliases, flow, claimed)
             plan.sites.append(site)
@@ -118,9 +123,9 @@ def analyze(
     return plan
 
 
-def _trace_flow(model: nn.Module, failures: dict[str, str]) -> _Flow:
+def _trace_flow(model: nn.Module, failures: dict[str, str]) -> Flow:
     """Trace the model (or else its largest traceable submodules) in train and eval mode."""
-    flow = _Flow()
+    flow = Flow()
     modes = {m: m.training for m in model.modules()}
     try:
         _trace_region(model, "", flow, failures)
@@ -130,7 +135,7 @@ def _trace_flow(model: nn.Module, failures: dict[str, str]) -> _Flow:
     return flow
 
 
-def _trace_region(module: nn.Module, prefix: str, flow: _Flow, failures: dict[str, str]) -> None:
+def _trace_region(module: nn.Module, prefix: str, flow: Flow, failures: dict[str, str]) -> None:
     if isinstance(module, (nn.Conv2d, _BatchNorm, ACBlock)) or not any(
         isinstance(m, nn.Conv2d) for m in module.modules()
     ):
@@ -146,7 +151,7 @@ def _trace_region(module: nn.Module, prefix: str, flow: _Flow, failures: dict[st
         for child_name, child in module.named_children():
             _trace_region(child, f"{prefix}{child_name}.", flow, failures)
         return
-    flow.traced.update(f"{prefix}{n}" for n, _ in module.named_modules())
+    flow.covered.update(f"{prefix}{n}" for n, _ in module.named_modules())
     for graph in graphs:
         _read_graph(graph, module, prefix, flow)
 
@@ -165,7 +170,7 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _read_graph(graph: fx.Graph, root: nn.Module, prefix: str, flow: _Flow) -> None:
+def _read_graph(graph: fx.Graph, root: nn.Module, prefix: str, flow: Flow) -> None:
     calls: Counter = Counter()
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -207,7 +212,7 @@ def _describe_users(users: list[fx.Node], root: nn.Module) -> str:
     return f"its output feeds {getattr(user.target, '__name__', user.target)}(), not a BatchNorm module"
 
 
-def _why_not_eligible(name, conv, aliases, flow, include, exclude, min_kernel, max_kernel) -> str:
+def _why_not_eligible(name, conv, aliases, flows, include, exclude, min_kernel, max_kernel) -> str:
     """Why ``conv`` must not become an ACBlock, or '' when it may."""
     kernel = tuple(conv.kernel_size)
     if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
@@ -232,19 +237,18 @@ def _why_not_eligible(name, conv, aliases, flow, include, exclude, min_kernel, m
         return "registered under several names"
     if _has_hooks(conv):
         return "has hooks registered on it"
-    if name in flow.read_directly:
-        return flow.read_directly[name]
+    for flow in flows:
+        if name in flow.read_directly:
+            return flow.read_directly[name]
     return ""
 
 
 def _absorbable_bn(name, modules, aliases, flow, claimed) -> tuple[str | None, str]:
     """The BatchNorm this conv may absorb (proven by every traced graph), and a note when none."""
-    if name not in flow.traced:
-        return None, "not traced by torch.fx: converted without absorbing a BatchNorm"
     seen = flow.users.get(name)
     if not seen:
-        return None, "not called by the traced forward: converted without absorbing a BatchNorm"
-    calls = max(c[name] for c in flow.calls if name in c)
+        return None, "not called by forward(): converted without absorbing a BatchNorm"
+    calls = flow.max_calls(name)
     if calls > 1:
         return None, f"called {calls} times per forward"
     if name in flow.blockers:
@@ -268,7 +272,7 @@ def _bn_problem(bn_name, bn, conv, aliases, flow, claimed, conv_name) -> str:
         return "tracks no running statistics, so it cannot be folded"
     if bn.num_features != conv.out_channels:
         return "has a different number of channels"
-    if max(c[bn_name] for c in flow.calls if bn_name in c) > 1:
+    if flow.max_calls(bn_name) > 1:
         return "is called more than once per forward"
     if flow.bn_input[bn_name] != {conv_name}:
         return "also receives other inputs"
@@ -281,6 +285,56 @@ def _bn_problem(bn_name, bn, conv, aliases, flow, claimed, conv_name) -> str:
     if bn_name in claimed:
         return "is already absorbed by another conv"
     return ""
+
+
+def _not_provably_called_only(model: nn.Module, name: str, failures: dict[str, str]) -> str:
+    """'' when the untraceable code around conv ``name`` provably uses it only by calling it, else why not.
+
+    Reads the source of every enclosing module: the conv's attribute may appear (outside
+    ``__init__``) only as ``obj.attr(...)``.
+    """
+    parts = name.split(".")
+    hint = "pass example_inputs to acify to analyse it by running the model"
+    parent = model.get_submodule(".".join(parts[:-1]))
+    if isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return f"in a {type(parent).__name__} used by code torch.fx cannot trace: {hint}"
+    for depth in range(len(parts) - 1, -1, -1):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        try:
+            uses = _attribute_uses(type(owner), parts[-1])
+        except (OSError, TypeError, SyntaxError):
+            return f"source of {type(owner).__name__} unavailable, torch.fx cannot trace it: {hint}"
+        if not all(uses):
+            return f"{type(owner).__name__} uses .{parts[-1]} other than by calling it: {hint}"
+    return ""
+
+
+def _attribute_uses(cls: type, attr: str) -> list[bool]:
+    """For each read of ``.attr`` in the methods of ``cls`` (and its non-torch bases): is it a direct call?"""
+    found: list[bool] = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn") or klass is object:
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            method = _enclosing_function(node, parents)
+            if method == "__init__":
+                continue
+            if isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.ctx, ast.Load):
+                call = parents.get(node)
+                found.append(isinstance(call, ast.Call) and call.func is node)
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "setattr", "delattr"):
+                found.append(not any(isinstance(a, ast.Constant) and a.value == attr for a in node.args))
+    return found
+
+
+def _enclosing_function(node: ast.AST, parents: dict) -> str | None:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return node.name
+    return None
 
 
 def _has_hooks(module: nn.Module) -> bool:

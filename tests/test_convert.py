@@ -325,29 +325,94 @@ def test_bad_arguments_give_clear_errors():
 
 
 class Untraceable(nn.Module):
-    """Data-dependent control flow at the top: fx cannot trace it, its children can be."""
+    """Data-dependent control flow at the top, convs used directly in that forward."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(conv(), nn.BatchNorm2d(8), nn.ReLU())
         self.conv, self.bn = conv(8, 8), nn.BatchNorm2d(8)
+        self.convs = nn.ModuleList([conv(8, 8), conv(8, 8)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(8), nn.BatchNorm2d(8)])
 
     def forward(self, x):
         x = self.stem(x)
         if x.sum() > 0:
             x = x * 2
-        return self.bn(self.conv(x))
+        y = self.conv(x)
+        x = self.bn(y) * (y.shape[1] / 8)
+        for c, b in zip(self.convs, self.bns):
+            x = torch.relu(b(c(x)))
+        return x
 
 
-def test_untraceable_model_falls_back_to_traceable_submodules_and_reports():
-    with pytest.warns(UserWarning, match="could not trace"):
+def test_untraceable_model_is_analysed_part_by_part():
+    with pytest.warns(UserWarning, match="2 conv.s. there were left unconverted: pass example_inputs"):
         acified = acify(Untraceable())
     p = acified.acnet_plan
     assert "" in p.trace_failures
-    assert site(p, "stem.0").bn == "stem.1"
+    assert site(p, "stem.0").bn == "stem.1", "the traceable child is analysed by fx"
     s = site(p, "conv")
-    assert s.action == "convert" and s.bn is None and s.reason.startswith("not traced")
-    assert_round_trip(Untraceable(), X)
+    assert s.action == "convert" and s.bn is None and "only ever called" in s.reason
+    for name in ("convs.0", "convs.1"):
+        assert site(p, name).action == "skip" and "ModuleList used by code torch.fx cannot trace" in site(p, name).reason
+
+
+def test_example_inputs_let_untraceable_convs_absorb_their_bns():
+    model = Untraceable()
+    p = plan(model, example_inputs=X)
+    assert [site(p, n).bn for n in ("stem.0", "conv", "convs.0", "convs.1")] == ["stem.1", "bn", "bns.0", "bns.1"]
+    acified = acify(model, example_inputs=(X,), init="scratch")
+    randomize_bn(acified, X)
+    verify(acified, deploy(acified), X, rtol=1e-5)
+    assert all(isinstance(model.get_submodule(n), nn.Conv2d) for n in ("conv", "convs.0"))
+
+
+class UntraceableReadsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = conv(), nn.BatchNorm2d(8)
+        self.other, self.other_bn = conv(), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        y = self.bn(self.conv(x)) + self.other_bn(self.other(x))
+        return y * self.conv.weight.abs().mean()
+
+
+def test_untraceable_conv_whose_weight_is_read_is_left_alone_with_or_without_example_inputs():
+    s = site(plan(UntraceableReadsWeight()), "conv")
+    assert s.action == "skip" and "uses .conv other than by calling it" in s.reason
+    p = plan(UntraceableReadsWeight(), example_inputs=(X,))
+    assert site(p, "conv").action == "skip" and "used by abs outside its call" in site(p, "conv").reason
+    assert site(p, "other").bn == "other_bn"
+
+
+class UntraceableSharedOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = conv(), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_example_run_sees_a_conv_output_used_twice():
+    s = site(plan(UntraceableSharedOutput(), example_inputs=(X,)), "conv")
+    assert s.action == "convert" and s.bn is None and "feeds 2 operations" in s.reason
+    acified = acify(UntraceableSharedOutput(), example_inputs=(X,))
+    assert isinstance(acified.bn, nn.BatchNorm2d)
+
+
+def test_example_run_leaves_the_model_unchanged():
+    model = Untraceable().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan(model, example_inputs=(X,))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_plan_does_not_change_the_model_or_its_modes():

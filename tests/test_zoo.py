@@ -52,7 +52,7 @@ def check_round_trip(model, train_step, eval_inputs):
     randomly initialised deep network (float32 exactness is checked layer by layer in test_block.py).
     """
     eligible = eligible_convs(model)
-    acified = acify(model, init="scratch")
+    acified = acify(model, init="scratch", example_inputs=eval_inputs)
     report = acified.acnet_plan
     assert len(report.converted) == len(eligible)
     assert sum(isinstance(m, ACBlock) for m in acified.modules()) == len(eligible)

@@ -1,0 +1,22 @@
+"""What an analysis (fx tracing or one example run) found out about how modules are used."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Flow:
+    """Module use, by qualified name; filled by graph.py (fx) or runtime.py (an example run)."""
+
+    calls: list[Counter] = field(default_factory=list)  # per graph or run: module -> number of calls
+    users: dict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))  # conv -> its BN, per call
+    blockers: dict[str, str] = field(default_factory=dict)  # conv -> why its output cannot be absorbed
+    bn_input: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # BN -> what feeds it
+    read_directly: dict[str, str] = field(default_factory=dict)  # module -> how its parameters are used directly
+    covered: set[str] = field(default_factory=set)  # modules this analysis can speak for
+
+    def max_calls(self, name: str) -> int:
+        """Most calls of ``name`` in any one graph or run."""
+        return max((c[name] for c in self.calls), default=0)
