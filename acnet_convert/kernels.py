@@ -14,10 +14,17 @@ from torch import Tensor, nn
 Kernel = tuple[Tensor, Tensor]  # (weight, bias), both float64
 
 
-def fold_bn(weight: Tensor, bias: Tensor | None, bn: nn.Module | None) -> Kernel:
-    """Fold an eval-mode BatchNorm that follows a conv into the conv's kernel and bias."""
+def fold_bn(
+    weight: Tensor, bias: Tensor | None, bn: nn.Module | None, *, transposed: bool = False, groups: int = 1
+) -> Kernel:
+    """Fold an eval-mode BatchNorm that follows a conv into the conv's kernel and bias.
+
+    A transposed conv's kernel is laid out ``(in, out/groups, *spatial)``, so its output
+    channels are found per group along the second axis.
+    """
     w = weight.detach().to(torch.float64)
-    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    out_channels = w.shape[1] * groups if transposed else w.shape[0]
+    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device)
     if bias is not None:
         b = bias.detach().to(torch.float64)
     if bn is None or isinstance(bn, nn.Identity):
@@ -27,7 +34,12 @@ def fold_bn(weight: Tensor, bias: Tensor | None, bn: nn.Module | None) -> Kernel
     gamma = torch.ones_like(std) if bn.weight is None else bn.weight.detach().to(torch.float64)
     beta = torch.zeros_like(std) if bn.bias is None else bn.bias.detach().to(torch.float64)
     scale = gamma / std
-    w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    spatial = [1] * (w.dim() - 2)
+    if transposed:
+        per_group = scale.reshape(groups, 1, -1, *spatial)
+        w = (w.reshape(groups, -1, *w.shape[1:]) * per_group).reshape(w.shape)
+    else:
+        w = w * scale.reshape(-1, 1, *spatial)
     return w, beta + (b - mean) * scale
 
 

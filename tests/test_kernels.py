@@ -45,3 +45,18 @@ def test_centre_slices_works_in_3d_and_rejects_even_offsets():
     assert centre_slices((1, 3, 1), (3, 3, 5)) == (slice(1, 2), slice(0, 3), slice(2, 3))
     with pytest.raises(ValueError):
         centre_slices((2,), (5,))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_fold_bn_into_a_transposed_conv(groups):
+    conv = nn.ConvTranspose2d(4, 6 if groups != 4 else 8, 3, stride=2, groups=groups, bias=True).double()
+    bn = nn.BatchNorm2d(conv.out_channels).double()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+    bn.eval()
+    w, b = fold_bn(conv.weight, conv.bias, bn, transposed=True, groups=groups)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    got = nn.functional.conv_transpose2d(x, w, b, stride=2, groups=groups)
+    torch.testing.assert_close(got, bn(conv(x)), rtol=0, atol=1e-12)
