@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .convert import acify, deploy
-from .experiment import History, Recipe, Split, count_parameters, load_digits, predict, train
+from .experiment import History, Recipe, Split, count_parameters, load_digits, predict, single_thread, train
 from .models import SmallCNN
 from .verify import verify
 
@@ -109,17 +107,6 @@ def run_demo(
     )
     console.print(summary_table(result, split))
     return result
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread (tiny convs gain nothing from more, and lose a lot on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _progress(console: Console) -> Progress:
