@@ -1,0 +1,284 @@
+"""Checkpoint files: safe reading, atomic writing, strict loading, and the ``original`` deployed layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import secrets
+import struct
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import ACNetError
+from .graph import Plan, Site
+
+FORMATS = ("acified", "plain", "original")  # what a checkpoint holds; the "acnet.format" metadata entry
+WRAPPERS = ("state_dict", "model")  # {"state_dict": ...} / {"model": ...} checkpoints are unwrapped
+PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel / torch.compile; stripped when on every key
+SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+_META = "acnet."
+_LISTED = 3  # keys named per problem in a mismatch message
+
+
+@dataclass
+class Checkpoint:
+    """A state_dict read from a file, with the acnet metadata it carries (empty when none)."""
+
+    state_dict: dict[str, Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def get(self, key: str, default: object = None) -> object:
+        """One metadata entry (``format``, ``spec``, ``args``, ``options``, ``input_shape``, ``version``)."""
+        text = self.metadata.get(_META + key)
+        return default if text is None else json.loads(text)
+
+
+def describe(fmt: str, spec: str, args: tuple[str, ...], options: Mapping, input_shape: tuple[int, ...]) -> dict[str, str]:
+    """The metadata written with a checkpoint: enough to rebuild its structure later."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}")
+    entries = {"format": fmt, "spec": spec, "args": list(args), "options": dict(options),
+               "input_shape": list(input_shape), "version": __version__}  # fmt: skip
+    return {_META + key: json.dumps(value) for key, value in entries.items()}
+
+
+def read(path: str | Path) -> Checkpoint:
+    """Read a safetensors or PyTorch checkpoint without running any code stored in it."""
+    path = Path(path)
+    if not path.exists():
+        raise ACNetError(f"checkpoint {path} not found: check the path")
+    if not path.is_file():
+        raise ACNetError(f"checkpoint {path} is not a file: give the path of a .safetensors or .pt file")
+    if path.suffix == ".safetensors" or _has_safetensors_header(path):
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _has_safetensors_header(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < path.stat().st_size
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types, and OSError on short reads
+        raise ACNetError(
+            f"{path} is not a valid safetensors file ({_first_line(exc)}): it may be truncated; write it again"
+        ) from exc
+    return Checkpoint(_strip_prefixes(state), {k: v for k, v in metadata.items() if k.startswith(_META)})
+
+
+def _read_torch(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise ACNetError(f"{path} is not a PyTorch or safetensors checkpoint ({_first_line(exc)})") from exc
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it needs {found.group(1)})" if found else ""
+        raise ACNetError(
+            f"{path} stores Python objects{what} that load only by running code from the file, which is refused "
+            f"for safety: save the weights alone, e.g. torch.save(model.state_dict(), path), or use safetensors"
+        ) from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... on truncated or foreign files
+        raise ACNetError(
+            f"{path} is not a readable PyTorch or safetensors checkpoint ({_first_line(exc)}): "
+            "it may be truncated or another kind of file"
+        ) from exc
+    return Checkpoint(_strip_prefixes(_unwrap(obj, path)))
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+    """The state_dict inside a loaded object: the object itself, or its "state_dict"/"model" entry."""
+    if isinstance(obj, Mapping):
+        for key in WRAPPERS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ACNetError(f"{path} holds a {type(obj).__name__}, not a state_dict: save model.state_dict()")
+    bad = [key for key, value in obj.items() if not isinstance(value, Tensor) and not str(key).endswith("_extra_state")]
+    if bad:
+        raise ACNetError(
+            f"{path} is not a state_dict: entries {', '.join(map(str, bad[:_LISTED]))} are not tensors; "
+            f"save model.state_dict(), or wrap it as {{'state_dict': ...}}"
+        )
+    return dict(obj)
+
+
+def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def ensure_writable(path: str | Path, *, force: bool = False) -> Path:
+    """Refuse an output path that exists (unless ``force``), is a directory, or lies in a missing directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise ACNetError(f"{path} is a directory: give a file name")
+    if path.exists() and not force:
+        raise ACNetError(f"{path} already exists: pass --force to overwrite it, or choose another name")
+    if not path.parent.is_dir():
+        raise ACNetError(f"directory {path.parent} does not exist: create it first")
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    On any failure the temporary file is removed and ``path`` is left as it was.
+    """
+    path = ensure_writable(path, force=force)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise ACNetError(f"nothing was written for {path}")
+        if path.exists() and not force:
+            raise ACNetError(f"{path} appeared while writing: pass --force to overwrite it")
+        tmp.chmod(0o666 & ~_umask())  # some writers create private files; outputs get the usual permissions
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_kind(path: str | Path) -> str:
+    """'safetensors' or 'torch', from the name of a checkpoint to write."""
+    kind = SUFFIXES.get(Path(path).suffix)
+    if kind is None:
+        raise ACNetError(f"cannot tell the format of {Path(path).name}: name it *.safetensors (recommended) or *.pt")
+    return kind
+
+
+def write(path: str | Path, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None,
+          *, force: bool = False) -> Path:  # fmt: skip
+    """Write a state_dict atomically: safetensors (with metadata) or a plain ``.pt`` state_dict (without)."""
+    path = Path(path)
+    kind = file_kind(path)
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise ACNetError(f"{', '.join(not_tensors[:_LISTED])} in the state_dict are not tensors and cannot be written")
+    state = {key: value.detach().cpu() for key, value in state_dict.items()}
+    with atomic_output(path, force=force) as tmp:
+        if kind == "torch":
+            torch.save(state, tmp)
+        else:
+            safetensors.torch.save_file(_unshared(state), tmp, metadata={"format": "pt", **(metadata or {})})
+    return path
+
+
+def _unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors, each with its own storage (safetensors refuses tied or strided ones)."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone().contiguous() if ptr in seen and value.numel() else value.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str, hint: str) -> None:
+    """``model.load_state_dict(strict=True)``, with missing, unexpected and misshapen keys listed on failure."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    misshapen = [
+        f"{key} {list(state_dict[key].shape)} vs {list(value.shape)}"
+        for key, value in expected.items()
+        if key in state_dict and isinstance(value, Tensor) and state_dict[key].shape != value.shape
+    ]
+    problems = [_listing(what, keys) for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("of the wrong shape, file vs model", misshapen))
+                if keys]  # fmt: skip
+    if problems:
+        raise ACNetError(f"{source} does not fit the model: {'; '.join(problems)}; {hint}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ACNetError(f"{source} does not load into the model ({_first_line(exc)}); {hint}") from exc
+
+
+def _listing(what: str, keys: list[str]) -> str:
+    more = f" and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
+    return f"{len(keys)} {what} ({', '.join(keys[:_LISTED])}{more})"
+
+
+def original_state_dict(original: nn.Module, deployed: nn.Module, plan: Plan) -> dict[str, Tensor]:
+    """The deployed weights laid out for the unmodified ``original`` model.
+
+    Each fused conv's weight goes into the original conv; its bias goes into the conv's own bias
+    if it has one, else into the absorbed BatchNorm, which is set to an exact identity plus that bias.
+    """
+    if any(site.action == "done" for site in plan.sites):
+        raise ACNetError("the original model already contains ACBlocks, which have no plain-conv layout: use --format plain")
+    state: dict[str, Tensor] = {}
+    for site in plan.converted:
+        state.update(_site_state(site, original, deployed))
+    deployed_state = deployed.state_dict()
+    for key in original.state_dict():
+        if key not in state:
+            if key not in deployed_state:
+                raise ACNetError(f"the deployed model has no {key}: it was not deployed from this original model")
+            state[key] = deployed_state[key]
+    return state
+
+
+def _site_state(site: Site, original: nn.Module, deployed: nn.Module) -> dict[str, Tensor]:
+    fused, conv = deployed.get_submodule(site.name), original.get_submodule(site.name)
+    bias = fused.bias.detach()
+    state = {f"{site.name}.weight": fused.weight.detach().to(conv.weight.dtype)}
+    if conv.bias is not None:
+        state[f"{site.name}.bias"] = bias.to(conv.bias.dtype)
+        bias = torch.zeros_like(bias)
+    if site.bn:
+        state.update(_identity_bn(site.bn, original.get_submodule(site.bn), bias))
+    elif bias.any():
+        raise ACNetError(
+            f"conv {site.name} has no bias and no BatchNorm after it, so its fused bias "
+            f"(max |b| = {bias.abs().max().item():.3g}) has no place in the original model: use --format plain"
+        )
+    return state
+
+
+def _identity_bn(name: str, bn: nn.Module, beta: Tensor) -> dict[str, Tensor]:
+    """A BatchNorm state that computes x + beta exactly in eval mode: mean 0, var 1 - eps, gamma 1."""
+    if not bn.eps < 1:
+        raise ACNetError(f"BatchNorm {name} has eps={bn.eps:g} >= 1 and cannot act as an identity: use --format plain")
+    if bn.weight is None and beta.any():
+        raise ACNetError(f"BatchNorm {name} has no affine bias to carry the fused bias: use --format plain")
+    state = {f"{name}.{key}": value.clone() for key, value in bn.state_dict().items()}
+    state[f"{name}.running_mean"] = torch.zeros_like(bn.running_mean)
+    state[f"{name}.running_var"] = torch.full_like(bn.running_var, 1.0 - bn.eps)
+    if bn.weight is not None:
+        state[f"{name}.weight"] = torch.ones_like(bn.weight)
+        state[f"{name}.bias"] = beta.to(bn.bias.dtype)
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

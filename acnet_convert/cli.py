@@ -1,0 +1,555 @@
+"""The ``acnet`` command line: inspect, convert, deploy, verify and export models."""
+
+import contextlib
+import copy
+import functools
+import io
+import json
+import math
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import nn
+
+from . import __version__, checkpoint
+from .convert import acify, deploy
+from .errors import ACNetError, VerificationError
+from .graph import Plan
+from .spec import FORMS, ModelSpec
+from .verify import Comparison, VerifyResult, verify
+
+EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 verification failed (outputs differ beyond --rtol); "
+    "2 usage or input error (bad spec, file, weights or option); 3 unexpected error (rerun with --debug)."
+)
+DEFAULT_SHAPE = (1, 3, 224, 224)
+DEFAULT_OPTIONS = {"include": None, "exclude": None, "init": "preserve", "gamma_init": 1.0, "min_kernel": 3,
+                   "max_kernel": None}  # fmt: skip
+STRUCTURE_HINT = "pass the --arg, --include, --exclude, --min-kernel and --max-kernel values used with acnet convert"
+
+app = typer.Typer(
+    name="acnet",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+Spec = Annotated[str, typer.Argument(help=f"The model: {FORMS}.", show_default=False)]
+Args = Annotated[list[str] | None, typer.Option("--arg", "-a", metavar="KEY=VALUE",
+                 help="Constructor argument (repeatable), e.g. --arg num_classes=10.", show_default=False)]  # fmt: skip
+Trained = Annotated[str, typer.Option("--weights", "-w", metavar="FILE", show_default=False,
+                    help="The acified (trained) checkpoint: .safetensors or .pt.")]  # fmt: skip
+Include = Annotated[list[str] | None, typer.Option(metavar="PATTERN", show_default=False,
+                    help="Convert only convs whose name matches (shell pattern, repeatable), e.g. 'layer[34].*'.")]  # fmt: skip
+Exclude = Annotated[list[str] | None, typer.Option(metavar="PATTERN", show_default=False,
+                    help="Leave convs whose name matches as they are (shell pattern, repeatable).")]  # fmt: skip
+MinKernel = Annotated[int | None, typer.Option(help="Convert only kernels whose sides are at least this (default 3).",
+                      show_default=False)]  # fmt: skip
+MaxKernel = Annotated[int | None, typer.Option(help="Convert only kernels whose sides are at most this.",
+                      show_default=False)]  # fmt: skip
+InputShape = Annotated[str | None, typer.Option(metavar="N,C,H,W", show_default=False,
+                       help="Shape of the random inputs used for the checks "
+                            "(default: stored in the checkpoint, else 1,3,224,224).")]  # fmt: skip
+FirstShape = Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W", show_default=False,
+                       help="Shape of the random input used for the checks, stored in the checkpoint for the "
+                            "later commands (default 1,3,224,224).")]  # fmt: skip
+Rtol = Annotated[float, typer.Option(help="Largest accepted max|ref - out| / max(1, max|ref|).")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
+
+
+def _epilog(*examples: str, note: str = "") -> str:
+    """Help text shown after the options: examples, one per paragraph, then a note."""
+    return "\n\n".join(["Examples:", *(f"  {example}" for example in examples), *([note] if note else [])])
+
+
+def guarded(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn errors into a one-line message on stderr and a documented exit code (a traceback with --debug)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except VerificationError as exc:
+            _fail(str(exc), EXIT_MISMATCH, kwargs.get("debug", False))
+        except ACNetError as exc:
+            _fail(str(exc), EXIT_INPUT, kwargs.get("debug", False))
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED, kwargs.get("debug", False))
+        except Exception as exc:
+            message = f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"
+            _fail(message, EXIT_UNEXPECTED, kwargs.get("debug", False))
+
+    return run
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(code)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"acnet-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,  # fmt: skip
+) -> None:
+    """ACNet for any PyTorch model: train with Asymmetric Convolution Blocks, deploy as plain convs.
+
+    SPEC names the model: path/model.py (its build_model() or its only nn.Module class), path/model.py:NAME,
+    package.module:NAME, torchvision:NAME or timm:NAME; --arg key=value passes constructor arguments.
+    """
+
+
+@app.command("inspect", epilog=_epilog(
+    "acnet inspect torchvision:resnet18",
+    "acnet inspect model.py:Net --arg width=64 --exclude 'stem.*'",
+    "acnet inspect timm:resnet18d --json > sites.json",
+))
+@guarded
+def inspect_command(
+    spec: Spec,
+    arg: Args = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    min_kernel: MinKernel = None,
+    max_kernel: MaxKernel = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Show every conv of the model: converted or skipped (and why), the BatchNorm it absorbs, parameter counts."""
+    model_spec = ModelSpec(spec, tuple(arg or ()))
+    original = model_spec.build()
+    counts = {"original": _parameters(original)}
+    acified = _acify(original, _options({}, include=include, exclude=exclude, min_kernel=min_kernel,
+                                        max_kernel=max_kernel), inplace=True)  # fmt: skip
+    counts["training"] = _parameters(acified)
+    plan = acified.acnet_plan
+    counts["deployed"] = _parameters(deploy(acified))
+    if as_json:
+        report = {"spec": spec, "args": list(arg or ()), "summary": plan.summary(),
+                  "sites": [site.as_dict() for site in plan.sites], "trace_failures": plan.trace_failures,
+                  "parameters": counts}  # fmt: skip
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_plan(plan, spec)
+    out.print(f"parameters: original {counts['original']:,}  training {counts['training']:,}  "
+              f"deployed {counts['deployed']:,}", soft_wrap=True)  # fmt: skip
+
+
+@app.command("convert", epilog=_epilog(
+    "acnet convert torchvision:resnet18 --out resnet18.acnet.safetensors",
+    "acnet convert model.py --weights pretrained.pt --exclude 'head.*'",
+    "acnet convert mypackage.models:build --arg num_classes=100 --init scratch --input-shape 1,3,32,32",
+    note="The checkpoint is a plain state_dict of acify(model); train it in Python, then run acnet deploy.",
+))
+@guarded
+def convert_command(
+    spec: Spec,
+    arg: Args = None,
+    weights: Annotated[str | None, typer.Option("--weights", "-w", metavar="FILE", show_default=False,
+                       help="Weights of the unconverted model to start from.")] = None,  # fmt: skip
+    out_file: Annotated[str | None, typer.Option("--out", "-o", metavar="FILE", show_default=False,
+                        help="Output checkpoint, .safetensors or .pt (default NAME.acnet.safetensors).")] = None,  # fmt: skip
+    init: Annotated[str, typer.Option(help="New branches: 'preserve' (function unchanged) or 'scratch'.")] = "preserve",
+    gamma_init: Annotated[float, typer.Option(help="BN gamma of the new branches with --init scratch.")] = 1.0,
+    include: Include = None,
+    exclude: Exclude = None,
+    min_kernel: MinKernel = None,
+    max_kernel: MaxKernel = None,
+    input_shape: FirstShape = None,
+    rtol: Rtol = 1e-4,
+    force: Force = False,
+    debug: Debug = False,
+) -> None:
+    """Turn every eligible conv (with its BatchNorm) into an ACBlock and write the training checkpoint."""
+    model_spec = ModelSpec(spec, tuple(arg or ()))
+    target = checkpoint.ensure_writable(out_file or f"{model_spec.stem}.acnet.safetensors", force=force)
+    checkpoint.file_kind(target)
+    shape = parse_shape(input_shape) if input_shape else DEFAULT_SHAPE
+    original = model_spec.build()
+    if weights:
+        start = checkpoint.read(weights)
+        if start.get("format") is not None:
+            raise ACNetError(f"{weights} was written by acnet ({start.get('format')}): pass weights of the unconverted model")
+        checkpoint.load_strict(original, start.state_dict, source=weights,
+                               hint="pass weights of the unconverted model built from SPEC with the same --arg values")  # fmt: skip
+    options = _options({}, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel,
+                       init=init, gamma_init=gamma_init)  # fmt: skip
+    acified = _acify(original, options, inplace=False)
+    x = _example(shape, acified)
+    checks = []
+    with _forward_errors(shape):
+        if init == "preserve":
+            checks.append(("acified vs original", verify(original, acified, x, rtol=rtol)))
+        checks.append(("deployed vs acified", verify(acified, deploy(acified), x, rtol=rtol)))
+    metadata = checkpoint.describe("acified", spec, model_spec.args, options, shape)
+    checkpoint.write(target, acified.state_dict(), metadata, force=force)
+    _print_plan(acified.acnet_plan, spec)
+    for label, result in checks:
+        _print_check(label, result)
+    out.print(f"wrote {target}", soft_wrap=True)
+
+
+@app.command("deploy", epilog=_epilog(
+    "acnet deploy torchvision:resnet18 -w trained.safetensors --out resnet18.deployed.safetensors",
+    "acnet deploy model.py -w trained.pt --out deployed.pt --format original",
+    note="--format plain: converted convs have a bias and absorbed BatchNorms are gone; it loads into "
+    "deploy(acify(model)). --format original: loads with strict=True into the unmodified model (each absorbed "
+    "BatchNorm becomes an exact identity plus the fused bias), so deployment code needs nothing from acnet-convert.",
+))
+@guarded
+def deploy_command(
+    spec: Spec,
+    weights: Trained,
+    out_file: Annotated[str, typer.Option("--out", "-o", metavar="FILE", show_default=False,
+                        help="Output checkpoint (.safetensors or .pt).")],  # fmt: skip
+    fmt: Annotated[str, typer.Option("--format", help="'plain' or 'original' (see below).")] = "plain",
+    arg: Args = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    min_kernel: MinKernel = None,
+    max_kernel: MaxKernel = None,
+    input_shape: InputShape = None,
+    rtol: Rtol = 1e-4,
+    force: Force = False,
+    debug: Debug = False,
+) -> None:
+    """Fuse every ACBlock of a trained checkpoint into one conv and write the deployed weights, checked."""
+    if fmt not in ("plain", "original"):
+        raise ACNetError(f"unknown --format {fmt!r}: use plain or original")
+    target = checkpoint.ensure_writable(out_file, force=force)
+    checkpoint.file_kind(target)
+    trained = _load_trained(spec, weights, arg, include, exclude, min_kernel, max_kernel, input_shape)
+    acified = trained.acified
+    deployed = deploy(acified)
+    x = _example(trained.shape, acified)
+    with _forward_errors(trained.shape):
+        check = verify(acified, deployed, x, rtol=rtol)
+    state = deployed.state_dict()
+    if fmt == "original":
+        fresh = trained.spec.build()
+        state = checkpoint.original_state_dict(fresh, deployed, acified.acnet_plan)
+        checkpoint.load_strict(fresh, state, source="the original-format weights", hint="report this as a bug")
+        check = verify(acified, fresh, x, rtol=rtol)
+    metadata = checkpoint.describe(fmt, spec, trained.spec.args, trained.options, trained.shape)
+    checkpoint.write(target, state, metadata, force=force)
+    out.print(acified.acnet_plan.summary(), soft_wrap=True)
+    _print_check(f"{fmt} deployed vs acified", check)
+    out.print(f"wrote {target}", soft_wrap=True)
+
+
+@app.command("verify", epilog=_epilog(
+    "acnet verify torchvision:resnet18 -w trained.safetensors --input-shape 1,3,64,64",
+    "acnet verify model.py -w trained.pt --deployed deployed.safetensors --samples 32",
+    note=EXIT_CODES,
+))
+@guarded
+def verify_command(
+    spec: Spec,
+    weights: Trained,
+    deployed_file: Annotated[str | None, typer.Option("--deployed", metavar="FILE", show_default=False,
+                             help="Also check this file written by acnet deploy (plain or original).")] = None,  # fmt: skip
+    samples: Annotated[int, typer.Option(min=1, help="Number of random inputs.")] = 8,
+    arg: Args = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    min_kernel: MinKernel = None,
+    max_kernel: MaxKernel = None,
+    input_shape: InputShape = None,
+    rtol: Rtol = 1e-4,
+    debug: Debug = False,
+) -> None:
+    """Compare the trained acified model with its deployed form, layer by layer; exit 1 on a mismatch."""
+    trained = _load_trained(spec, weights, arg, include, exclude, min_kernel, max_kernel, input_shape)
+    acified = trained.acified
+    deployed = deploy(acified)
+    shipped = _load_deployed(deployed_file, trained, deployed) if deployed_file else None
+    layers: dict[str, Comparison] = {}
+    outputs: dict[str, Comparison] = {}
+    with _forward_errors(trained.shape), _bar("comparing", samples) as advance:
+        for seed in range(samples):
+            x = _example(trained.shape, acified, seed)
+            _merge(layers, verify(acified, deployed, x, rtol=math.inf, layers=True).layers)
+            _merge(outputs, {"output (deployed in memory)": verify(acified, deployed, x, rtol=math.inf)})
+            if shipped is not None:
+                _merge(outputs, {f"output ({deployed_file})": verify(acified, shipped, x, rtol=math.inf)})
+            advance()
+    rows = {**layers, **outputs}
+    table = Table("layer", "max abs error", "max |ref|", "relative", "", box=box.SIMPLE,
+                  title=f"{spec}: deployed vs acified on {samples} random input(s) of shape {_shape_text(trained.shape)}")  # fmt: skip
+    for name, c in rows.items():
+        status = "ok" if c.relative <= rtol else "[bold red]MISMATCH[/]"
+        table.add_row(name, f"{c.max_abs:.3g}", f"{c.max_ref:.3g}", f"{c.relative:.3g}", status)
+    out.print(table)
+    failed = [name for name, c in rows.items() if c.relative > rtol]
+    if failed:
+        worst = max(failed, key=lambda name: rows[name].relative)
+        raise VerificationError(
+            f"{len(failed)} of {len(rows)} comparisons exceed rtol={rtol:g} (worst: {worst}, relative "
+            f"{rows[worst].relative:.3g}): deploy the checkpoint again, and check it was saved from the acified model"
+        )
+    out.print(f"all {len(rows)} comparisons within rtol={rtol:g}", soft_wrap=True)
+
+
+@app.command("export", epilog=_epilog(
+    "acnet export torchvision:resnet18 -w trained.safetensors --onnx resnet18.onnx --input-shape 1,3,224,224",
+    "acnet export model.py -w trained.pt --onnx model.onnx --torchscript model.ts",
+    note="ONNX needs the onnx extra: pip install 'acnet-convert\\[onnx]'. The graph has the fixed --input-shape.",
+))
+@guarded
+def export_command(
+    spec: Spec,
+    weights: Trained,
+    onnx_file: Annotated[str | None, typer.Option("--onnx", metavar="FILE", show_default=False,
+                         help="Write the deployed model as ONNX, checked with onnxruntime.")] = None,  # fmt: skip
+    torchscript_file: Annotated[str | None, typer.Option("--torchscript", metavar="FILE", show_default=False,
+                                help="Write the deployed model as traced TorchScript, checked after reloading.")] = None,  # fmt: skip
+    arg: Args = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    min_kernel: MinKernel = None,
+    max_kernel: MaxKernel = None,
+    input_shape: InputShape = None,
+    rtol: Rtol = 1e-4,
+    force: Force = False,
+    debug: Debug = False,
+) -> None:
+    """Export the deployed model to ONNX and/or TorchScript, each checked against the acified model."""
+    if not onnx_file and not torchscript_file:
+        raise ACNetError("nothing to export: pass --onnx FILE and/or --torchscript FILE")
+    for path in filter(None, (onnx_file, torchscript_file)):
+        checkpoint.ensure_writable(path, force=force)
+    if onnx_file:
+        _require_onnx()
+    trained = _load_trained(spec, weights, arg, include, exclude, min_kernel, max_kernel, input_shape)
+    acified = trained.acified
+    deployed = deploy(acified)
+    x = _example(trained.shape, acified)
+    with _forward_errors(trained.shape):
+        _print_check("deployed vs acified", verify(acified, deployed, x, rtol=rtol))
+    if onnx_file:
+        with checkpoint.atomic_output(onnx_file, force=force) as tmp:
+            with _spinner(f"exporting {onnx_file}"):
+                _export_onnx(deployed, x, tmp)
+            with _spinner("checking with onnxruntime"):
+                result = verify(acified, _OnnxRuntime(tmp), x, rtol=rtol)
+        _print_check(f"onnxruntime ({onnx_file}) vs acified", result)
+    if torchscript_file:
+        with checkpoint.atomic_output(torchscript_file, force=force) as tmp:
+            with _spinner(f"tracing {torchscript_file}"), _quiet():
+                torch.jit.save(torch.jit.trace(deployed, x), str(tmp))
+                result = verify(acified, torch.jit.load(str(tmp)), x, rtol=rtol)
+        _print_check(f"TorchScript ({torchscript_file}) vs acified", result)
+
+
+@dataclass
+class _Trained:
+    """An acified model rebuilt from a checkpoint, with what it was rebuilt from."""
+
+    spec: ModelSpec
+    options: dict
+    shape: tuple[int, ...]
+    acified: nn.Module
+
+
+def _load_trained(spec, weights, arg, include, exclude, min_kernel, max_kernel, input_shape) -> _Trained:
+    """Rebuild the acified model (metadata of the file, overridden by options given) and load the weights."""
+    trained = checkpoint.read(weights)
+    fmt = trained.get("format")
+    if fmt in ("plain", "original"):
+        raise ACNetError(f"{weights} is already deployed ({fmt}): pass the acified checkpoint, trained")
+    model_spec = ModelSpec(spec, tuple(arg) if arg else tuple(trained.get("args", ())))
+    options = _options(trained.get("options") or {}, include=include, exclude=exclude, min_kernel=min_kernel,
+                       max_kernel=max_kernel)  # fmt: skip
+    shape = parse_shape(input_shape) if input_shape else tuple(trained.get("input_shape") or DEFAULT_SHAPE)
+    original = model_spec.build()
+    original_keys = set(original.state_dict())
+    acified = _acify(original, options, inplace=True)
+    if set(trained.state_dict) == original_keys:
+        hint = "it holds weights of the unconverted model: run acnet convert --weights FILE first, then train"
+    elif fmt is None:
+        hint = f"the file carries no acnet metadata: {STRUCTURE_HINT}"
+    else:
+        hint = f"it was written for {trained.get('spec')} with --arg {trained.get('args')}: check SPEC and --arg"
+    checkpoint.load_strict(acified, trained.state_dict, source=weights, hint=hint)
+    return _Trained(model_spec, options, shape, acified.eval())
+
+
+def _load_deployed(path: str, trained: _Trained, deployed: nn.Module) -> nn.Module:
+    """The model a deployed checkpoint (plain or original layout) was written for, with its weights."""
+    shipped = checkpoint.read(path)
+    fmt = shipped.get("format")
+    if fmt == "acified":
+        raise ACNetError(f"{path} is an acified checkpoint: pass the file written by acnet deploy")
+    if fmt is None:
+        fmt = "plain" if set(shipped.state_dict) == set(deployed.state_dict()) else "original"
+    model = copy.deepcopy(deployed) if fmt == "plain" else trained.spec.build()
+    checkpoint.load_strict(model, shipped.state_dict, source=path,
+                           hint="pass the file acnet deploy wrote for this SPEC and these weights")  # fmt: skip
+    return model.eval()
+
+
+def _options(stored: dict, **given) -> dict:
+    """acify options: defaults, then those stored in a checkpoint, then those given on the command line."""
+    return {**DEFAULT_OPTIONS, **stored, **{key: value for key, value in given.items() if value is not None}}
+
+
+def _acify(model: nn.Module, options: dict, *, inplace: bool) -> nn.Module:
+    """``acify`` with its warnings shown as one-line notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        acified = acify(model, inplace=inplace, **options)
+    for warning in caught:
+        typer.echo(f"warning: {' '.join(str(warning.message).split())}", err=True)
+    return acified
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,224,224' (or '1x3x224x224') as a tuple of positive ints."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(size <= 0 for size in shape):
+        raise ACNetError(f"bad --input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,224,224")
+    return shape
+
+
+def _example(shape: tuple[int, ...], model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """A reproducible standard-normal input in the model's floating-point dtype."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@contextlib.contextmanager
+def _forward_errors(shape: tuple[int, ...]) -> Iterator[None]:
+    """Report a model that fails on the example input as an input error naming --input-shape."""
+    try:
+        yield
+    except ACNetError:
+        raise
+    except Exception as exc:
+        raise ACNetError(
+            f"the model failed on a random input of shape {_shape_text(shape)} ({_first_line(exc)}): "
+            "pass --input-shape with the shape it expects, e.g. 1,3,224,224"
+        ) from exc
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ACNetError(f"ONNX export needs {exc.name}: pip install 'acnet-convert[onnx]'") from exc
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """torch.onnx's exporter into one self-contained file."""
+    try:
+        with _quiet():
+            torch.onnx.export(model, (x,), str(path), input_names=["input"], dynamo=True, external_data=False)
+    except Exception as exc:
+        raise ACNetError(f"ONNX export failed ({_first_line(exc)}): acnet deploy --format plain still works") from exc
+
+
+class _OnnxRuntime(nn.Module):
+    """An ONNX file run by onnxruntime on CPU, callable like the model it was exported from."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def forward(self, *inputs: torch.Tensor):
+        feed = {arg.name: x.numpy() for arg, x in zip(self.session.get_inputs(), inputs)}
+        outputs = [torch.from_numpy(y) for y in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide the progress prints and deprecation warnings of torch's exporters."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def _spinner(description: str) -> Iterator[None]:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:  # fmt: skip
+        progress.add_task(description, total=None)
+        yield
+
+
+@contextlib.contextmanager
+def _bar(description: str, total: int) -> Iterator[Callable[[], None]]:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:  # fmt: skip
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
+def _merge(into: dict[str, Comparison], new: dict[str, Comparison]) -> None:
+    """Keep the worst error and the largest reference magnitude seen for each name."""
+    for name, c in new.items():
+        old = into.get(name, Comparison(0.0, 0.0))
+        into[name] = Comparison(max(old.max_abs, c.max_abs), max(old.max_ref, c.max_ref))
+
+
+def _print_plan(plan: Plan, title: str) -> None:
+    table = Table("conv", "kernel", "stride", "groups", "absorbs BN", "action", "why", box=box.SIMPLE, title=title)
+    for site in plan.sites:
+        table.add_row(site.name or "<root>", _shape_text(site.kernel), _shape_text(site.stride), str(site.groups),
+                      site.bn or "-", site.action, site.reason)  # fmt: skip
+    out.print(table)
+    out.print(plan.summary(), soft_wrap=True)
+    for module, why in plan.trace_failures.items():
+        typer.echo(f"warning: torch.fx could not trace {module or '<root>'} ({why})", err=True)
+
+
+def _print_check(label: str, result: VerifyResult) -> None:
+    out.print(f"check {label}: max abs error {result.max_abs:.3g}, relative {result.relative:.3g}", soft_wrap=True)
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+if __name__ == "__main__":
+    app(prog_name="acnet")
