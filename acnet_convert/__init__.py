@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .block import ACBlock
 from .convert import acify, deploy, plan
 from .errors import ACNetError, VerificationError
+from .fast_block import FastACBlock
 from .graph import Plan, Site
 from .verify import VerifyResult, verify
 
@@ -16,6 +17,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "ACBlock",
     "ACNetError",
+    "FastACBlock",
     "Plan",
     "Site",
     "VerificationError",

@@ -11,10 +11,12 @@ from torch import nn
 
 from .block import INITS, ACBlock, resolve_padding
 from .errors import ACNetError
+from .fast_block import FastACBlock
 from .graph import Plan, analyze
 from .surgery import replace_module
 
 PLAN_ATTR = "acnet_plan"
+MODES = ("exact", "fast")
 
 
 def plan(
@@ -44,16 +46,21 @@ def acify(
     min_kernel: int = 3,
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
+    mode: str = "exact",
 ) -> nn.Module:
     """Turn every eligible Conv2d (with the BatchNorm after it) into an ACBlock for training.
 
     Returns a model of the same class (a copy unless ``inplace``); its ``acnet_plan``
     attribute lists every conv site with the decision taken and why.  ``example_inputs``
     (run once in eval mode) let convs inside code that torch.fx cannot trace be analysed too.
+    ``mode="fast"`` makes each conv a ``FastACBlock`` instead (one conv per forward, linear
+    branches) and leaves every BatchNorm in place.
     """
     _check_model(model, "acify")
     if init not in INITS:
         raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
+    if mode not in MODES:
+        raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     if isinstance(model, nn.Conv2d):
         raise ACNetError("acify needs a model that contains convs; wrap a single conv with ACBlock.from_conv")
     report = plan(
@@ -64,6 +71,11 @@ def acify(
         model = copy.deepcopy(model)
     for site in report.converted:
         conv = model.get_submodule(site.name)
+        if mode == "fast":
+            replace_module(model, site.name, FastACBlock.from_conv(conv, init=init, gamma_init=gamma_init))
+            if site.bn:
+                site.bn, site.reason = None, f"fast mode: BatchNorm {site.bn} stays after the block"
+            continue
         bn = model.get_submodule(site.bn) if site.bn else None
         replace_module(model, site.name, ACBlock.from_conv(conv, bn, init=init, gamma_init=gamma_init))
         if site.bn:
@@ -81,21 +93,21 @@ def acify(
 
 
 def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True) -> nn.Module:
-    """Fuse every ACBlock of ``model`` into one plain Conv2d; the result computes the same function in eval mode.
+    """Fuse every ACBlock and FastACBlock into one plain Conv2d; the result computes the same function in eval mode.
 
     With ``check`` each fused conv is compared with its block in float64 on a random
     input first; a mismatch raises ``ACNetError`` and leaves the model untouched.
     """
     _check_model(model, "deploy")
-    if isinstance(model, ACBlock):
+    if isinstance(model, (ACBlock, FastACBlock)):
         raise ACNetError("deploy needs a model that contains ACBlocks; for a single block call block.fuse()")
-    blocks = {name: m for name, m in model.named_modules() if isinstance(m, ACBlock)}
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, (ACBlock, FastACBlock))}
     fused = {}
     for name, block in blocks.items():
         weight, bias = block.fused_kernel()
-        if check:
-            _check_fusion(name, block, weight, bias)
         fused[name] = block.fuse(weight, bias)
+        if check:
+            _check_fusion(name, block, fused[name], weight, bias)
     if inplace:
         for name, conv in fused.items():
             replace_module(model, name, conv)
@@ -105,12 +117,14 @@ def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True) -> nn
     return model
 
 
-def _check_fusion(name: str, block: ACBlock, weight: torch.Tensor, bias: torch.Tensor, tolerance: float = 1e-8) -> None:
-    """Compare the block with its fused float64 kernel on a small random float64 input."""
+def _check_fusion(
+    name: str, block: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, tolerance: float = 1e-8
+) -> None:
+    """Compare the block with ``conv`` running the fused float64 kernel on a small random float64 input."""
     k, s, d = block.kernel_size, block.stride, block.dilation
     pad = resolve_padding(block.padding, k, d)
     size = [di * (ki - 1) + 1 + 2 * si + 2 * pi for ki, si, di, pi in zip(k, s, d, pad)]
-    x = torch.randn(1, block.in_channels, *size, dtype=torch.float64, device=block.branches["square"].conv.weight.device)
+    x = torch.randn(1, block.in_channels, *size, dtype=torch.float64, device=weight.device)
     state = {n: t.detach().to(torch.float64) for n, t in [*block.named_parameters(), *block.named_buffers()]
              if t.is_floating_point()}  # fmt: skip
     was_training = block.training
@@ -118,8 +132,7 @@ def _check_fusion(name: str, block: ACBlock, weight: torch.Tensor, bias: torch.T
     try:
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             want = torch.func.functional_call(block, state, (x,))
-            conv = block.branches["square"].conv
-            got = conv._conv_forward(x, weight, bias)
+            got = conv._conv_forward(x, weight, bias if conv.bias is not None else None)
     finally:
         block.train(was_training)
     err = (want - got).abs().max().item()

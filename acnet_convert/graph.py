@@ -21,10 +21,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .block import ACBlock
+from .fast_block import FastACBlock
 from .flow import Flow
 from .runtime import probe_flow
 
 FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+BLOCKS = (ACBlock, FastACBlock)
 
 
 @dataclass
@@ -77,7 +79,7 @@ class _Tracer(fx.Tracer):
     """Stops at convs, BatchNorms and ACBlocks so that each shows up as one call."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, _BatchNorm, ACBlock)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (nn.Conv2d, _BatchNorm, *BLOCKS)) or super().is_leaf_module(m, qualname)
 
 
 def analyze(
@@ -103,8 +105,9 @@ def analyze(
     for name, module in modules.items():
         if _inside_block(name, modules):
             continue
-        if isinstance(module, ACBlock):
-            plan.sites.append(Site(name, module.kernel_size, module.stride, module.groups, "done", "already an ACBlock"))
+        if isinstance(module, BLOCKS):
+            already = f"already an {type(module).__name__}"
+            plan.sites.append(Site(name, module.kernel_size, module.stride, module.groups, "done", already))
         elif isinstance(module, nn.Conv2d):
             site = Site(name, tuple(module.kernel_size), tuple(module.stride), module.groups, "convert")
             why_not = _why_not_eligible(name, module, aliases, flows, include, exclude, min_kernel, max_kernel)
@@ -136,7 +139,7 @@ def _trace_flow(model: nn.Module, failures: dict[str, str]) -> Flow:
 
 
 def _trace_region(module: nn.Module, prefix: str, flow: Flow, failures: dict[str, str]) -> None:
-    if isinstance(module, (nn.Conv2d, _BatchNorm, ACBlock)) or not any(
+    if isinstance(module, (nn.Conv2d, _BatchNorm, *BLOCKS)) or not any(
         isinstance(m, nn.Conv2d) for m in module.modules()
     ):
         return
@@ -343,7 +346,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _inside_block(name: str, modules: dict[str, nn.Module]) -> bool:
     parts = name.split(".")
-    return any(isinstance(modules.get(".".join(parts[:i])), ACBlock) for i in range(1, len(parts)))
+    return any(isinstance(modules.get(".".join(parts[:i])), BLOCKS) for i in range(1, len(parts)))
 
 
 def _warn_unmatched(model: nn.Module, patterns: Sequence[str] | None, what: str) -> None:

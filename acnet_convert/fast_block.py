@@ -1,0 +1,147 @@
+"""The fast block: ACNet linearised, so that training runs one conv per block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .block import INITS, resolve_padding
+from .errors import ACNetError
+from .kernels import Kernel, centre_slices, fold_bn, sum_branches
+
+BRANCHES = ("square", "hor", "ver")
+
+
+class FastACBlock(nn.Module):
+    """A conv whose KxK kernel is composed, every forward, from scaled KxK, 1xK and Kx1 kernels.
+
+    ``kernel = scale_square * weight + row(scale_hor * weight_hor) + column(scale_ver * weight_ver)``
+    with one learnable scale per output channel and branch.  This is the linearised (OREPA-style)
+    variant of ACNet, not the paper's block: the branches have no BatchNorm of their own, the
+    BatchNorm after the conv stays in the model, and each forward runs a single conv with the
+    original conv's settings.  ``fuse()`` returns that conv as a plain ``nn.Conv2d``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        *,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        self._build(conv, scale_square=1.0, scale_new=1.0)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, init: str = "preserve", gamma_init: float = 1.0) -> FastACBlock:
+        """Wrap an existing conv, keeping its weight and bias (the same Parameter objects).
+
+        ``scale_square`` starts at 1 (the square branch is the original conv); ``init="preserve"``
+        starts ``scale_hor`` and ``scale_ver`` at 0, so the block computes exactly what ``conv`` did,
+        and ``init="scratch"`` starts them at ``gamma_init``.
+        """
+        if init not in INITS:
+            raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block._build(conv, scale_square=1.0, scale_new=0.0 if init == "preserve" else gamma_init)
+        block.train(conv.training)
+        return block
+
+    def _build(self, conv: nn.Conv2d, scale_square: float, scale_new: float) -> None:
+        """Take over ``conv``'s settings, weight and bias; add the 1xK and Kx1 kernels and the scales."""
+        kh, kw = conv.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0 or kh < 3 or kw < 3:
+            raise ACNetError(f"FastACBlock needs odd kernel sides >= 3, got {conv.kernel_size}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.padding, self.groups, self.padding_mode = conv.padding, conv.groups, conv.padding_mode
+        pad_h, pad_w = resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
+        self._explicit_padding = (pad_w, pad_w, pad_h, pad_h)  # F.pad order, used when padding_mode != "zeros"
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+        for name, kernel in (("weight_hor", (1, kw)), ("weight_ver", (kh, 1))):
+            template = nn.Conv2d(conv.in_channels, conv.out_channels, kernel, groups=conv.groups, bias=False, **factory)
+            setattr(self, name, template.weight)  # the default Conv2d initialisation, as in exact mode
+        for branch in BRANCHES:
+            value = scale_square if branch == "square" else scale_new
+            setattr(self, f"scale_{branch}", nn.Parameter(torch.full((conv.out_channels,), value, **factory)))
+
+    def composed_weight(self) -> Tensor:
+        """The KxK kernel this block runs (differentiable in every weight and scale)."""
+        return (
+            _scaled(self.weight, self.scale_square)
+            + _at_centre(_scaled(self.weight_hor, self.scale_hor), self.kernel_size)
+            + _at_centre(_scaled(self.weight_ver, self.scale_ver), self.kernel_size)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.composed_weight()
+        if self.padding_mode != "zeros":  # as nn.Conv2d does it
+            x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
+            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def fused_kernel(self) -> Kernel:
+        """The composed kernel and the conv's bias (zeros without one), in float64."""
+        branches = ((self.weight, self.scale_square, self.bias), (self.weight_hor, self.scale_hor, None),
+                    (self.weight_ver, self.scale_ver, None))  # fmt: skip
+        kernels = []
+        for weight, scale, bias in branches:
+            w, b = fold_bn(weight, bias, None)
+            kernels.append((_scaled(w, scale.detach().to(torch.float64)), b))
+        return sum_branches(kernels, self.kernel_size)
+
+    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d``, with a bias only if the original conv had one.
+
+        ``weight``/``bias`` may pass an already computed ``fused_kernel()``.
+        """
+        if weight is None or bias is None:
+            weight, bias = self.fused_kernel()
+        conv = torch.nn.utils.skip_init(
+            nn.Conv2d, self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if conv.bias is not None:
+                conv.bias.copy_(bias)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"bias={self.bias is not None}, padding_mode={self.padding_mode}"
+        )
+
+
+def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
+    """``weight`` with each output channel multiplied by its entry of ``scale``."""
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def _at_centre(weight: Tensor, spatial: Sequence[int]) -> Tensor:
+    """``weight`` zero-padded so that it sits at the centre of a ``spatial`` kernel (differentiable)."""
+    pad: list[int] = []
+    for where, full in reversed(list(zip(centre_slices(weight.shape[2:], spatial), spatial))):
+        pad += [where.start, full - where.stop]
+    return F.pad(weight, pad)
