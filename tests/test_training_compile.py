@@ -15,7 +15,8 @@ def test_compiled_acified_model_trains_like_eager_and_deployed_model_compiles():
     compiled = torch.compile(compiled_copy, backend="inductor", fullgraph=True)  # no graph break: all of it compiles
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
     losses = {}
-    for name, model, params in [("eager", eager, eager.parameters()), ("compiled", compiled, compiled_copy.parameters())]:
+    runs = [("eager", eager, eager.parameters()), ("compiled", compiled, compiled_copy.parameters())]
+    for name, model, params in runs:
         optimizer = torch.optim.SGD(params, lr=0.05)
         losses[name] = []
         for _ in range(3):
