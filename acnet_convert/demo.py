@@ -6,7 +6,7 @@ Run with ``python -m acnet_convert.demo`` (options: ``--help``).
 from __future__ import annotations
 
 import argparse
-import copy
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .convert import acify, deploy
+from .errors import ACNetError
 from .experiment import History, Recipe, Split, count_parameters, load_digits, predict, single_thread, train
 from .models import SmallCNN
 from .verify import verify
@@ -184,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=".", help=f"where to write {PLOT_NAME}")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
     args = parser.parse_args(argv)
-    result = run_demo(epochs=args.epochs, seed=args.seed, out_dir=args.out_dir, quiet=args.quiet)
+    try:
+        result = run_demo(epochs=args.epochs, seed=args.seed, out_dir=args.out_dir, quiet=args.quiet)
+    except ACNetError as error:  # VerificationError included: the deployed model is not the trained one
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0 if result.predictions_equal else 1
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import math
 import platform
 import shlex
 import statistics
@@ -30,6 +31,12 @@ from acnet_convert.models import CifarResNet, SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("baseline", "exact", "fast")
+VARIANT_NOTES = {
+    "baseline": "baseline: the plain model, trained as it is",
+    "exact": "exact: the paper's block, KxK + 1xK + Kx1 convs each with its BatchNorm, summed",
+    "fast": "fast: one conv per forward whose kernel is composed from scaled KxK, 1xK and Kx1 kernels; the "
+    "BatchNorm after the conv stays (a linearised variant, not the paper's block)",
+}
 MODELS = {
     "small_cnn": lambda split: SmallCNN(split.in_channels, split.num_classes),
     "resnet56": lambda split: CifarResNet(56, split.num_classes, split.in_channels),
@@ -132,6 +139,24 @@ def results_table(runs: list[Run], variants: list[str], test_size: int) -> list[
     return rows
 
 
+def paired_summary(runs: list[Run], variants: list[str]) -> list[str]:
+    """One markdown bullet per ACNet variant: paired mean difference with the baseline and its standard error."""
+    accuracy = {(r.variant, r.seed): r.accuracy for r in runs}
+    seeds = sorted({r.seed for r in runs})
+    if "baseline" not in variants or len(seeds) < 2:
+        return []
+    lines = []
+    for variant in (v for v in variants if v != "baseline"):
+        diff_mean, diff_std = mean_std([accuracy[variant, s] - accuracy["baseline", s] for s in seeds])
+        error = diff_std / math.sqrt(len(seeds))
+        verdict = "more" if abs(diff_mean) > 2 * error else "less"
+        lines.append(
+            f"- {variant} minus baseline: {diff_mean:+.2f} points, standard error {error:.2f} over {len(seeds)} "
+            f"seeds: {verdict} than two standard errors from zero."
+        )
+    return [*lines, ""]
+
+
 def per_seed_table(runs: list[Run], variants: list[str]) -> list[str]:
     """Markdown rows: every run's accuracy, one row per seed."""
     seeds = sorted({r.seed for r in runs})
@@ -166,9 +191,11 @@ def report(args: argparse.Namespace, split: Split, recipe: Recipe, runs: list[Ru
         f"- recipe: {recipe.epochs} epochs, batch {recipe.batch_size}, SGD lr {recipe.lr:g} (cosine to 0), momentum "
         f"{recipe.momentum:g}, weight decay {recipe.weight_decay:g}, augmentation {'on' if recipe.augment else 'off'}",
         f"- the {args.dataset} preset (options on the command line override it): {preset.description}",
-        f"- ACNet: `acify(model, init=\"scratch\", gamma_init={args.gamma_init:.4g})`, the modes in the table",
+        f"- variants (ACNet ones built by `acify(model, init=\"scratch\", gamma_init={args.gamma_init:.4g}, "
+        "mode=...)`):",
+        *(f"  - {VARIANT_NOTES[v]}" for v in variants),
         f"- seeds: {', '.join(map(str, args.seed_list))}",
-        f"- ran on: {args.device}, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"- ran on: {args.device}{' (one torch thread)' if args.device == 'cpu' else ''}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"{seconds / 60:.1f} minutes in all",
         f"- command: `{command}`",
         "",
@@ -178,8 +205,9 @@ def report(args: argparse.Namespace, split: Split, recipe: Recipe, runs: list[Ru
         "",
     ]
     if pending:
-        lines += [f"Results for {', '.join(pending)} mode are pending: this installation's `acify` has no such mode.", ""]
-    lines += ["Per seed (top-1 %):", "", *per_seed_table(runs, variants), ""]
+        missing = ", ".join(pending)
+        lines += [f"Results for {missing} mode are pending: this installation's `acify` has no such mode.", ""]
+    lines += [*paired_summary(runs, variants), "Per seed (top-1 %):", "", *per_seed_table(runs, variants), ""]
     return "\n".join(lines) + GUIDE
 
 
