@@ -86,8 +86,10 @@ def _read_torch(path: Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only load failed" not in str(exc).lower():
-            raise ACNetError(f"{path} is not a PyTorch or safetensors checkpoint ({_first_line(exc)})") from exc
+        if not re.search(r"GLOBAL|reduce|unsupported class", str(exc), re.IGNORECASE):
+            found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            reason = found.group(1) if found else _first_line(exc)
+            raise _unreadable(path, reason) from exc
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f" (it needs {found.group(1)})" if found else ""
         raise ACNetError(
@@ -95,11 +97,14 @@ def _read_torch(path: Path) -> Checkpoint:
             f"for safety: save the weights alone, e.g. torch.save(model.state_dict(), path), or use safetensors"
         ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, ... on truncated or foreign files
-        raise ACNetError(
-            f"{path} is not a readable PyTorch or safetensors checkpoint ({_first_line(exc)}): "
-            "it may be truncated or another kind of file"
-        ) from exc
+        raise _unreadable(path, _first_line(exc)) from exc
     return Checkpoint(_strip_prefixes(_unwrap(obj, path)))
+
+
+def _unreadable(path: Path, reason: str) -> ACNetError:
+    return ACNetError(
+        f"{path} is not a readable PyTorch or safetensors checkpoint ({reason}): it may be truncated or another kind of file"
+    )
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:

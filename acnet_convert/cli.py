@@ -92,7 +92,7 @@ def guarded(command: Callable[..., None]) -> Callable[..., None]:
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED, kwargs.get("debug", False))
         except Exception as exc:
-            message = f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"
+            message = f"unexpected {_first_line(exc)} (rerun with --debug for the traceback)"
             _fail(message, EXIT_UNEXPECTED, kwargs.get("debug", False))
 
     return run
@@ -147,7 +147,7 @@ def inspect_command(
                                         max_kernel=max_kernel), inplace=True)  # fmt: skip
     counts["training"] = _parameters(acified)
     plan = acified.acnet_plan
-    counts["deployed"] = _parameters(deploy(acified))
+    counts["deployed"] = _parameters(deploy(acified, check=False))  # only counted: no weights leave this command
     if as_json:
         report = {"spec": spec, "args": list(arg or ()), "summary": plan.summary(),
                   "sites": [site.as_dict() for site in plan.sites], "trace_failures": plan.trace_failures,
@@ -503,7 +503,7 @@ def _quiet() -> Iterator[None]:
 @contextlib.contextmanager
 def _spinner(description: str) -> Iterator[None]:
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:  # fmt: skip
+                  console=err, transient=True, disable=not err.is_terminal) as progress:  # fmt: skip
         progress.add_task(description, total=None)
         yield
 
@@ -511,7 +511,7 @@ def _spinner(description: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _bar(description: str, total: int) -> Iterator[Callable[[], None]]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:  # fmt: skip
+                  console=err, transient=True, disable=not err.is_terminal) as progress:  # fmt: skip
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
 
