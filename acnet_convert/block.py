@@ -150,7 +150,9 @@ class ACBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         square, hor, ver = self.branches.values()
-        return square(x) + hor(x) + ver(x)
+        out = square(x) + hor(x)
+        out += ver(x)  # in place: one full-size temporary fewer, same sum
+        return out
 
     def fused_kernel(self) -> Kernel:
         """The single kernel and bias (float64) equivalent to this block in eval mode."""
