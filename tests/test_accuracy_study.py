@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from acnet_convert import ACNetError, acify, deploy, verify
-from acnet_convert.experiment import flip_and_crop, load_cifar10
-from acnet_convert.models import CifarResNet
+from acnet_convert.experiment import Recipe, flip_and_crop, load_cifar10, train
+from acnet_convert.models import CifarResNet, SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,27 @@ def test_study_refuses_cifar10_without_local_data(tmp_path):
 def test_load_cifar10_names_what_is_missing(tmp_path):
     with pytest.raises(ACNetError, match="no CIFAR-10 under"):
         load_cifar10(tmp_path)
+
+
+class FakeCIFAR10:
+    """Stands in for torchvision's CIFAR10: random uint8 HWC images and integer targets."""
+
+    def __init__(self, root, train, download):
+        assert download is False
+        shape = (48 if train else 16, 32, 32, 3)
+        generator = torch.Generator().manual_seed(int(train))
+        self.data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).numpy()
+        self.targets = [i % 10 for i in range(len(self.data))]
+
+
+def test_cifar10_split_trains_with_augmentation(monkeypatch, tmp_path):
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", FakeCIFAR10)
+    split = load_cifar10(tmp_path)
+    assert split.x_train.shape == (48, 3, 32, 32) and split.x_test.shape == (16, 3, 32, 32)
+    assert split.y_train.tolist() == [i % 10 for i in range(48)]
+    assert abs(split.x_train.mean().item()) < 0.5 and split.in_channels == 3
+    history = train(acify(SmallCNN()), split, Recipe(epochs=2, batch_size=16, augment=True), seed=0)
+    assert len(history.loss) == 2 and all(0 <= a <= 100 for a in history.accuracy)
 
 
 def test_flip_and_crop_returns_shifted_or_mirrored_windows_of_the_padded_image():
