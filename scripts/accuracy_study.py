@@ -17,6 +17,7 @@ import math
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -166,6 +167,21 @@ def per_seed_table(runs: list[Run], variants: list[str]) -> list[str]:
     return rows
 
 
+def code_version() -> str:
+    """The git commit the study ran on, noting uncommitted changes to the library or the script."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "acnet_convert", "scripts/accuracy_study.py").stdout.strip()
+    except OSError:
+        return "unknown (no git)"
+    if commit.returncode:
+        return "unknown (not a git checkout)"
+    return f"commit {commit.stdout.strip()}" + (" with uncommitted changes" if changed else "")
+
+
 def report(args: argparse.Namespace, split: Split, recipe: Recipe, runs: list[Run], variants: list[str],
            pending: list[str], seconds: float) -> str:  # fmt: skip
     """The whole markdown page."""
@@ -197,7 +213,7 @@ def report(args: argparse.Namespace, split: Split, recipe: Recipe, runs: list[Ru
         f"- seeds: {', '.join(map(str, args.seed_list))}",
         f"- ran on: {args.device}{' (one torch thread)' if args.device == 'cpu' else ''}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"{seconds / 60:.1f} minutes in all",
-        f"- command: `{command}`",
+        f"- command: `{command}`; code: {code_version()}",
         "",
         "## Results",
         "",
