@@ -56,6 +56,22 @@ def test_square_branch_inherits_the_trained_conv_and_bn():
         assert torch.all(new_bn.weight == 0) and torch.all(new_bn.bias == 0)
 
 
+def test_scratch_init_sets_gamma_init_and_default_initialises_the_new_kernels():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6))
+    randomize_bn(model, torch.randn(4, 3, 8, 8))
+    block = acify(model, init="scratch", gamma_init=1 / 3)[0]
+    square = block.branches["square"]
+    assert torch.equal(square.conv.weight, model[0].weight) and torch.equal(square.conv.bias, model[0].bias)
+    for name in ("bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(square.bn, name), getattr(model[1], name)), name
+    for name in ("hor", "ver"):
+        branch = block.branches[name]
+        assert torch.all(branch.bn.weight == torch.tensor(1 / 3)) and torch.all(branch.bn.bias == 0)
+        # PyTorch's default conv initialisation: kaiming_uniform(a=sqrt(5)), i.e. U(-b, b) with b = 1/sqrt(fan_in)
+        bound = 1 / math.sqrt(branch.conv.weight[0].numel())
+        assert branch.conv.weight.abs().max() <= bound and branch.conv.weight.std() > bound / 3
+
+
 def test_acnet_model_decorates_a_factory_bare_or_with_options():
     @acnet_model
     def build(width: int) -> nn.Module:
