@@ -106,7 +106,7 @@ def analyze(
         if _inside_block(name, modules):
             continue
         if isinstance(module, BLOCKS):
-            already = f"already an {type(module).__name__}"
+            already = "already an ACBlock" if isinstance(module, ACBlock) else "already a FastACBlock"
             plan.sites.append(Site(name, module.kernel_size, module.stride, module.groups, "done", already))
         elif isinstance(module, nn.Conv2d):
             site = Site(name, tuple(module.kernel_size), tuple(module.stride), module.groups, "convert")
