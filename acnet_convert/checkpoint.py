@@ -43,12 +43,20 @@ class Checkpoint:
         return default if text is None else json.loads(text)
 
 
-def describe(fmt: str, spec: str, args: tuple[str, ...], options: Mapping, input_shape: tuple[int, ...]) -> dict[str, str]:
+def describe(
+    fmt: str, spec: str, args: tuple[str, ...], options: Mapping, input_shape: tuple[int, ...]
+) -> dict[str, str]:
     """The metadata written with a checkpoint: enough to rebuild its structure later."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
-    entries = {"format": fmt, "spec": spec, "args": list(args), "options": dict(options),
-               "input_shape": list(input_shape), "version": __version__}  # fmt: skip
+    entries = {
+        "format": fmt,
+        "spec": spec,
+        "args": list(args),
+        "options": dict(options),
+        "input_shape": list(input_shape),
+        "version": __version__,
+    }
     return {_META + key: json.dumps(value) for key, value in entries.items()}
 
 
@@ -103,7 +111,8 @@ def _read_torch(path: Path) -> Checkpoint:
 
 def _unreadable(path: Path, reason: str) -> ACNetError:
     return ACNetError(
-        f"{path} is not a readable PyTorch or safetensors checkpoint ({reason}): it may be truncated or another kind of file"
+        f"{path} is not a readable PyTorch or safetensors checkpoint ({reason}): "
+        "it may be truncated or another kind of file"
     )
 
 
@@ -178,8 +187,13 @@ def file_kind(path: str | Path) -> str:
     return kind
 
 
-def write(path: str | Path, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None,
-          *, force: bool = False) -> Path:  # fmt: skip
+def write(
+    path: str | Path,
+    state_dict: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    force: bool = False,
+) -> Path:
     """Write a state_dict atomically: safetensors (with metadata) or a plain ``.pt`` state_dict (without)."""
     path = Path(path)
     kind = file_kind(path)
@@ -212,13 +226,12 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: s
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     misshapen = [
-        f"{key} {list(state_dict[key].shape)} vs {list(value.shape)}"
+        f"{key} {list(given.shape)} vs {list(value.shape)}"
         for key, value in expected.items()
-        if key in state_dict and isinstance(value, Tensor) and state_dict[key].shape != value.shape
+        if isinstance(given := state_dict.get(key), Tensor) and isinstance(value, Tensor) and given.shape != value.shape
     ]
-    problems = [_listing(what, keys) for what, keys in
-                (("missing", missing), ("unexpected", unexpected), ("of the wrong shape, file vs model", misshapen))
-                if keys]  # fmt: skip
+    kinds = (("missing", missing), ("unexpected", unexpected), ("of the wrong shape, file vs model", misshapen))
+    problems = [_listing(what, keys) for what, keys in kinds if keys]
     if problems:
         raise ACNetError(f"{source} does not fit the model: {'; '.join(problems)}; {hint}")
     try:
@@ -239,7 +252,9 @@ def original_state_dict(original: nn.Module, deployed: nn.Module, plan: Plan) ->
     if it has one, else into the absorbed BatchNorm, which is set to an exact identity plus that bias.
     """
     if any(site.action == "done" for site in plan.sites):
-        raise ACNetError("the original model already contains ACBlocks, which have no plain-conv layout: use --format plain")
+        raise ACNetError(
+            "the original model already contains ACBlocks, which no plain conv can hold: use --format plain"
+        )
     state: dict[str, Tensor] = {}
     for site in plan.converted:
         state.update(_site_state(site, original, deployed))

@@ -1,4 +1,8 @@
-"""The ``acnet`` command line: inspect, convert, deploy, verify and export models."""
+"""The ``acnet`` command line: inspect, convert, deploy, verify and export models.
+
+Each command parses its options, calls the library and renders the result. A new command is a function
+decorated with ``@app.command(...)`` and ``@guarded`` that takes the shared options below.
+"""
 
 import contextlib
 import copy
@@ -28,15 +32,20 @@ from .graph import Plan
 from .spec import FORMS, ModelSpec
 from .verify import Comparison, VerifyResult, verify
 
-EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_MISMATCH, EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 1, 2, 3, 130
 EXIT_CODES = (
     "Exit codes: 0 success; 1 verification failed (outputs differ beyond --rtol); "
     "2 usage or input error (bad spec, file, weights or option); 3 unexpected error (rerun with --debug)."
 )
 DEFAULT_SHAPE = (1, 3, 224, 224)
-DEFAULT_OPTIONS = {"include": None, "exclude": None, "init": "preserve", "gamma_init": 1.0, "min_kernel": 3,
-                   "max_kernel": None}  # fmt: skip
-STRUCTURE_HINT = "pass the --arg, --include, --exclude, --min-kernel and --max-kernel values used with acnet convert"
+DEFAULT_OPTIONS = {
+    "include": None,
+    "exclude": None,
+    "init": "preserve",
+    "gamma_init": 1.0,
+    "min_kernel": 3,
+    "max_kernel": None,
+}
 
 app = typer.Typer(
     name="acnet",
@@ -49,25 +58,39 @@ app = typer.Typer(
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
+
+def _option(*names: str, text: str, metavar: str | None = None) -> typer.models.OptionInfo:
+    """A typer option whose default, if any, is described in its help text."""
+    return typer.Option(*names, help=text, metavar=metavar, show_default=False)
+
+
 Spec = Annotated[str, typer.Argument(help=f"The model: {FORMS}.", show_default=False)]
-Args = Annotated[list[str] | None, typer.Option("--arg", "-a", metavar="KEY=VALUE",
-                 help="Constructor argument (repeatable), e.g. --arg num_classes=10.", show_default=False)]  # fmt: skip
-Trained = Annotated[str, typer.Option("--weights", "-w", metavar="FILE", show_default=False,
-                    help="The acified (trained) checkpoint: .safetensors or .pt.")]  # fmt: skip
-Include = Annotated[list[str] | None, typer.Option(metavar="PATTERN", show_default=False,
-                    help="Convert only convs whose name matches (shell pattern, repeatable), e.g. 'layer[34].*'.")]  # fmt: skip
-Exclude = Annotated[list[str] | None, typer.Option(metavar="PATTERN", show_default=False,
-                    help="Leave convs whose name matches as they are (shell pattern, repeatable).")]  # fmt: skip
-MinKernel = Annotated[int | None, typer.Option(help="Convert only kernels whose sides are at least this (default 3).",
-                      show_default=False)]  # fmt: skip
-MaxKernel = Annotated[int | None, typer.Option(help="Convert only kernels whose sides are at most this.",
-                      show_default=False)]  # fmt: skip
-InputShape = Annotated[str | None, typer.Option(metavar="N,C,H,W", show_default=False,
-                       help="Shape of the random inputs used for the checks "
-                            "(default: stored in the checkpoint, else 1,3,224,224).")]  # fmt: skip
-FirstShape = Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W", show_default=False,
-                       help="Shape of the random input used for the checks, stored in the checkpoint for the "
-                            "later commands (default 1,3,224,224).")]  # fmt: skip
+Args = Annotated[
+    list[str] | None,
+    _option("--arg", "-a", metavar="KEY=VALUE", text="Constructor argument (repeatable), e.g. --arg num_classes=10."),
+]
+TrainedWeights = Annotated[
+    str, _option("--weights", "-w", metavar="FILE", text="The acified (trained) checkpoint: .safetensors or .pt.")
+]
+Include = Annotated[
+    list[str] | None,
+    _option(
+        metavar="PATTERN", text="Convert only convs whose name matches (shell pattern, repeatable), e.g. 'layer4.*'."
+    ),
+]
+Exclude = Annotated[
+    list[str] | None,
+    _option(metavar="PATTERN", text="Leave convs whose name matches as they are (shell pattern, repeatable)."),
+]
+MinKernel = Annotated[int | None, _option(text="Convert only kernels whose sides are at least this (default 3).")]
+MaxKernel = Annotated[int | None, _option(text="Convert only kernels whose sides are at most this.")]
+InputShape = Annotated[
+    str | None,
+    _option(
+        metavar="N,C,H,W",
+        text="Shape of the random inputs used for the checks (default: stored in the checkpoint, else 1,3,224,224).",
+    ),
+]
 Rtol = Annotated[float, typer.Option(help="Largest accepted max|ref - out| / max(1, max|ref|).")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
@@ -83,17 +106,17 @@ def guarded(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def run(*args, **kwargs) -> None:
+        debug = kwargs.get("debug", False)
         try:
             command(*args, **kwargs)
         except VerificationError as exc:
-            _fail(str(exc), EXIT_MISMATCH, kwargs.get("debug", False))
+            _fail(str(exc), EXIT_MISMATCH, debug)
         except ACNetError as exc:
-            _fail(str(exc), EXIT_INPUT, kwargs.get("debug", False))
+            _fail(str(exc), EXIT_INPUT, debug)
         except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED, kwargs.get("debug", False))
+            _fail("interrupted", EXIT_INTERRUPTED, debug)
         except Exception as exc:
-            message = f"unexpected {_first_line(exc)} (rerun with --debug for the traceback)"
-            _fail(message, EXIT_UNEXPECTED, kwargs.get("debug", False))
+            _fail(f"unexpected {_first_line(exc)} (rerun with --debug for the traceback)", EXIT_UNEXPECTED, debug)
 
     return run
 
@@ -113,8 +136,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
-                                          help="Show the version and exit.")] = False,  # fmt: skip
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     """ACNet for any PyTorch model: train with Asymmetric Convolution Blocks, deploy as plain convs.
 
@@ -123,11 +147,14 @@ def main(
     """
 
 
-@app.command("inspect", epilog=_epilog(
-    "acnet inspect torchvision:resnet18",
-    "acnet inspect model.py:Net --arg width=64 --exclude 'stem.*'",
-    "acnet inspect timm:resnet18d --json > sites.json",
-))
+@app.command(
+    "inspect",
+    epilog=_epilog(
+        "acnet inspect torchvision:resnet18",
+        "acnet inspect model.py:Net --arg width=64 --exclude 'stem.*'",
+        "acnet inspect timm:resnet18d --json > sites.json",
+    ),
+)
 @guarded
 def inspect_command(
     spec: Spec,
@@ -140,46 +167,64 @@ def inspect_command(
     debug: Debug = False,
 ) -> None:
     """Show every conv of the model: converted or skipped (and why), the BatchNorm it absorbs, parameter counts."""
-    model_spec = ModelSpec(spec, tuple(arg or ()))
-    original = model_spec.build()
-    counts = {"original": _parameters(original)}
-    acified = _acify(original, _options({}, include=include, exclude=exclude, min_kernel=min_kernel,
-                                        max_kernel=max_kernel), inplace=True)  # fmt: skip
-    counts["training"] = _parameters(acified)
+    options = _options({}, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel)
+    with _spinner(f"analysing {spec}"):
+        original = ModelSpec(spec, tuple(arg or ())).build()
+        counts = {"original": _parameters(original)}
+        acified = _acify(original, options, inplace=True)
+        counts["training"] = _parameters(acified)
+        counts["deployed"] = _parameters(deploy(acified, check=False))  # only counted: no weights leave inspect
     plan = acified.acnet_plan
-    counts["deployed"] = _parameters(deploy(acified, check=False))  # only counted: no weights leave this command
     if as_json:
-        report = {"spec": spec, "args": list(arg or ()), "summary": plan.summary(),
-                  "sites": [site.as_dict() for site in plan.sites], "trace_failures": plan.trace_failures,
-                  "parameters": counts}  # fmt: skip
+        report = {
+            "spec": spec,
+            "args": list(arg or ()),
+            "summary": plan.summary(),
+            "sites": [site.as_dict() for site in plan.sites],
+            "trace_failures": plan.trace_failures,
+            "parameters": counts,
+        }
         typer.echo(json.dumps(report, indent=2))
         return
     _print_plan(plan, spec)
-    out.print(f"parameters: original {counts['original']:,}  training {counts['training']:,}  "
-              f"deployed {counts['deployed']:,}", soft_wrap=True)  # fmt: skip
+    sizes = ", ".join(f"{form} {count:,}" for form, count in counts.items())
+    out.print(f"parameters: {sizes}", soft_wrap=True)
 
 
-@app.command("convert", epilog=_epilog(
-    "acnet convert torchvision:resnet18 --out resnet18.acnet.safetensors",
-    "acnet convert model.py --weights pretrained.pt --exclude 'head.*'",
-    "acnet convert mypackage.models:build --arg num_classes=100 --init scratch --input-shape 1,3,32,32",
-    note="The checkpoint is a plain state_dict of acify(model); train it in Python, then run acnet deploy.",
-))
+@app.command(
+    "convert",
+    epilog=_epilog(
+        "acnet convert torchvision:resnet18 --out resnet18.acnet.safetensors",
+        "acnet convert model.py --weights pretrained.pt --exclude 'head.*'",
+        "acnet convert mypackage.models:build --arg num_classes=100 --init scratch --input-shape 1,3,32,32",
+        note="The checkpoint is a plain state_dict of acify(model); train it in Python, then run acnet deploy.",
+    ),
+)
 @guarded
 def convert_command(
     spec: Spec,
     arg: Args = None,
-    weights: Annotated[str | None, typer.Option("--weights", "-w", metavar="FILE", show_default=False,
-                       help="Weights of the unconverted model to start from.")] = None,  # fmt: skip
-    out_file: Annotated[str | None, typer.Option("--out", "-o", metavar="FILE", show_default=False,
-                        help="Output checkpoint, .safetensors or .pt (default NAME.acnet.safetensors).")] = None,  # fmt: skip
+    weights: Annotated[
+        str | None, _option("--weights", "-w", metavar="FILE", text="Weights of the unconverted model to start from.")
+    ] = None,
+    out_file: Annotated[
+        str | None,
+        _option("--out", "-o", metavar="FILE", text="Output, .safetensors or .pt (default NAME.acnet.safetensors)."),
+    ] = None,
     init: Annotated[str, typer.Option(help="New branches: 'preserve' (function unchanged) or 'scratch'.")] = "preserve",
     gamma_init: Annotated[float, typer.Option(help="BN gamma of the new branches with --init scratch.")] = 1.0,
     include: Include = None,
     exclude: Exclude = None,
     min_kernel: MinKernel = None,
     max_kernel: MaxKernel = None,
-    input_shape: FirstShape = None,
+    input_shape: Annotated[
+        str | None,
+        _option(
+            "--input-shape",
+            metavar="N,C,H,W",
+            text="Shape of the random input used for the checks, stored for the later commands (default 1,3,224,224).",
+        ),
+    ] = None,
     rtol: Rtol = 1e-4,
     force: Force = False,
     debug: Debug = False,
@@ -189,43 +234,50 @@ def convert_command(
     target = checkpoint.ensure_writable(out_file or f"{model_spec.stem}.acnet.safetensors", force=force)
     checkpoint.file_kind(target)
     shape = parse_shape(input_shape) if input_shape else DEFAULT_SHAPE
-    original = model_spec.build()
-    if weights:
-        start = checkpoint.read(weights)
-        if start.get("format") is not None:
-            raise ACNetError(f"{weights} was written by acnet ({start.get('format')}): pass weights of the unconverted model")
-        checkpoint.load_strict(original, start.state_dict, source=weights,
-                               hint="pass weights of the unconverted model built from SPEC with the same --arg values")  # fmt: skip
-    options = _options({}, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel,
-                       init=init, gamma_init=gamma_init)  # fmt: skip
-    acified = _acify(original, options, inplace=False)
-    x = _example(shape, acified)
-    checks = []
-    with _forward_errors(shape):
-        if init == "preserve":
-            checks.append(("acified vs original", verify(original, acified, x, rtol=rtol)))
-        checks.append(("deployed vs acified", verify(acified, deploy(acified), x, rtol=rtol)))
-    metadata = checkpoint.describe("acified", spec, model_spec.args, options, shape)
-    checkpoint.write(target, acified.state_dict(), metadata, force=force)
+    options = _options(
+        {},
+        include=include,
+        exclude=exclude,
+        min_kernel=min_kernel,
+        max_kernel=max_kernel,
+        init=init,
+        gamma_init=gamma_init,
+    )
+    with _spinner(f"converting {spec}"):
+        original = model_spec.build()
+        if weights:
+            _load_original_weights(original, weights)
+        acified = _acify(original, options, inplace=False)
+        x = _example(shape, acified)
+        checks = []
+        with _forward_errors(shape):
+            if init == "preserve":
+                checks.append(("acified vs original", verify(original, acified, x, rtol=rtol)))
+            checks.append(("deployed vs acified", verify(acified, deploy(acified), x, rtol=rtol)))
+        metadata = checkpoint.describe("acified", spec, model_spec.args, options, shape)
+        checkpoint.write(target, acified.state_dict(), metadata, force=force)
     _print_plan(acified.acnet_plan, spec)
     for label, result in checks:
         _print_check(label, result)
     out.print(f"wrote {target}", soft_wrap=True)
 
 
-@app.command("deploy", epilog=_epilog(
-    "acnet deploy torchvision:resnet18 -w trained.safetensors --out resnet18.deployed.safetensors",
-    "acnet deploy model.py -w trained.pt --out deployed.pt --format original",
-    note="--format plain: converted convs have a bias and absorbed BatchNorms are gone; it loads into "
-    "deploy(acify(model)). --format original: loads with strict=True into the unmodified model (each absorbed "
-    "BatchNorm becomes an exact identity plus the fused bias), so deployment code needs nothing from acnet-convert.",
-))
+@app.command(
+    "deploy",
+    epilog=_epilog(
+        "acnet deploy torchvision:resnet18 -w trained.safetensors --out resnet18.deployed.safetensors",
+        "acnet deploy model.py -w trained.pt --out deployed.pt --format original",
+        note="--format plain: converted convs have a bias and absorbed BatchNorms are gone; it loads into "
+        "deploy(acify(model)). --format original: loads with strict=True into the unmodified model (each absorbed "
+        "BatchNorm becomes an exact identity plus the fused bias), so deployment code needs nothing from "
+        "acnet-convert.",
+    ),
+)
 @guarded
 def deploy_command(
     spec: Spec,
-    weights: Trained,
-    out_file: Annotated[str, typer.Option("--out", "-o", metavar="FILE", show_default=False,
-                        help="Output checkpoint (.safetensors or .pt).")],  # fmt: skip
+    weights: TrainedWeights,
+    out_file: Annotated[str, _option("--out", "-o", metavar="FILE", text="Output checkpoint (.safetensors or .pt).")],
     fmt: Annotated[str, typer.Option("--format", help="'plain' or 'original' (see below).")] = "plain",
     arg: Args = None,
     include: Include = None,
@@ -242,36 +294,43 @@ def deploy_command(
         raise ACNetError(f"unknown --format {fmt!r}: use plain or original")
     target = checkpoint.ensure_writable(out_file, force=force)
     checkpoint.file_kind(target)
-    trained = _load_trained(spec, weights, arg, include, exclude, min_kernel, max_kernel, input_shape)
+    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel)
     acified = trained.acified
-    deployed = deploy(acified)
-    x = _example(trained.shape, acified)
-    with _forward_errors(trained.shape):
-        check = verify(acified, deployed, x, rtol=rtol)
-    state = deployed.state_dict()
-    if fmt == "original":
-        fresh = trained.spec.build()
-        state = checkpoint.original_state_dict(fresh, deployed, acified.acnet_plan)
-        checkpoint.load_strict(fresh, state, source="the original-format weights", hint="report this as a bug")
-        check = verify(acified, fresh, x, rtol=rtol)
-    metadata = checkpoint.describe(fmt, spec, trained.spec.args, trained.options, trained.shape)
-    checkpoint.write(target, state, metadata, force=force)
+    with _spinner("fusing and checking"):
+        deployed = deploy(acified)
+        x = _example(trained.shape, acified)
+        with _forward_errors(trained.shape):
+            checks = [("deployed vs acified", verify(acified, deployed, x, rtol=rtol))]
+        state = deployed.state_dict()
+        if fmt == "original":
+            fresh = trained.spec.build()
+            state = checkpoint.original_state_dict(fresh, deployed, acified.acnet_plan)
+            checkpoint.load_strict(fresh, state, source="the original-format weights", hint="report this as a bug")
+            checks.append(("unmodified model with these weights vs acified", verify(acified, fresh, x, rtol=rtol)))
+        metadata = checkpoint.describe(fmt, spec, trained.spec.args, trained.options, trained.shape)
+        checkpoint.write(target, state, metadata, force=force)
     out.print(acified.acnet_plan.summary(), soft_wrap=True)
-    _print_check(f"{fmt} deployed vs acified", check)
-    out.print(f"wrote {target}", soft_wrap=True)
+    for label, result in checks:
+        _print_check(label, result)
+    out.print(f"wrote {target} ({fmt})", soft_wrap=True)
 
 
-@app.command("verify", epilog=_epilog(
-    "acnet verify torchvision:resnet18 -w trained.safetensors --input-shape 1,3,64,64",
-    "acnet verify model.py -w trained.pt --deployed deployed.safetensors --samples 32",
-    note=EXIT_CODES,
-))
+@app.command(
+    "verify",
+    epilog=_epilog(
+        "acnet verify torchvision:resnet18 -w trained.safetensors --input-shape 1,3,64,64",
+        "acnet verify model.py -w trained.pt --deployed deployed.safetensors --samples 32",
+        note=EXIT_CODES,
+    ),
+)
 @guarded
 def verify_command(
     spec: Spec,
-    weights: Trained,
-    deployed_file: Annotated[str | None, typer.Option("--deployed", metavar="FILE", show_default=False,
-                             help="Also check this file written by acnet deploy (plain or original).")] = None,  # fmt: skip
+    weights: TrainedWeights,
+    deployed_file: Annotated[
+        str | None,
+        _option("--deployed", metavar="FILE", text="Also check this file written by acnet deploy (plain or original)."),
+    ] = None,
     samples: Annotated[int, typer.Option(min=1, help="Number of random inputs.")] = 8,
     arg: Args = None,
     include: Include = None,
@@ -283,23 +342,21 @@ def verify_command(
     debug: Debug = False,
 ) -> None:
     """Compare the trained acified model with its deployed form, layer by layer; exit 1 on a mismatch."""
-    trained = _load_trained(spec, weights, arg, include, exclude, min_kernel, max_kernel, input_shape)
+    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel)
     acified = trained.acified
     deployed = deploy(acified)
     shipped = _load_deployed(deployed_file, trained, deployed) if deployed_file else None
-    layers: dict[str, Comparison] = {}
-    outputs: dict[str, Comparison] = {}
+    rows: dict[str, Comparison] = {}
     with _forward_errors(trained.shape), _bar("comparing", samples) as advance:
         for seed in range(samples):
             x = _example(trained.shape, acified, seed)
-            _merge(layers, verify(acified, deployed, x, rtol=math.inf, layers=True).layers)
-            _merge(outputs, {"output (deployed in memory)": verify(acified, deployed, x, rtol=math.inf)})
+            result = verify(acified, deployed, x, rtol=math.inf, layers=True)
+            _keep_worst(rows, {**result.layers, "output (deployed in memory)": result})
             if shipped is not None:
-                _merge(outputs, {f"output ({deployed_file})": verify(acified, shipped, x, rtol=math.inf)})
+                _keep_worst(rows, {f"output ({deployed_file})": verify(acified, shipped, x, rtol=math.inf)})
             advance()
-    rows = {**layers, **outputs}
-    table = Table("layer", "max abs error", "max |ref|", "relative", "", box=box.SIMPLE,
-                  title=f"{spec}: deployed vs acified on {samples} random input(s) of shape {_shape_text(trained.shape)}")  # fmt: skip
+    title = f"{spec}: deployed vs acified, worst of {samples} random input(s) of shape {_shape_text(trained.shape)}"
+    table = Table("layer", "max abs error", "max |ref|", "relative", "", box=box.SIMPLE, title=title)
     for name, c in rows.items():
         status = "ok" if c.relative <= rtol else "[bold red]MISMATCH[/]"
         table.add_row(name, f"{c.max_abs:.3g}", f"{c.max_ref:.3g}", f"{c.relative:.3g}", status)
@@ -314,19 +371,24 @@ def verify_command(
     out.print(f"all {len(rows)} comparisons within rtol={rtol:g}", soft_wrap=True)
 
 
-@app.command("export", epilog=_epilog(
-    "acnet export torchvision:resnet18 -w trained.safetensors --onnx resnet18.onnx --input-shape 1,3,224,224",
-    "acnet export model.py -w trained.pt --onnx model.onnx --torchscript model.ts",
-    note="ONNX needs the onnx extra: pip install 'acnet-convert\\[onnx]'. The graph has the fixed --input-shape.",
-))
+@app.command(
+    "export",
+    epilog=_epilog(
+        "acnet export torchvision:resnet18 -w trained.safetensors --onnx resnet18.onnx --input-shape 1,3,224,224",
+        "acnet export model.py -w trained.pt --onnx model.onnx --torchscript model.ts",
+        note="ONNX needs the onnx extra: pip install 'acnet-convert\\[onnx]'. The graph has the fixed --input-shape.",
+    ),
+)
 @guarded
 def export_command(
     spec: Spec,
-    weights: Trained,
-    onnx_file: Annotated[str | None, typer.Option("--onnx", metavar="FILE", show_default=False,
-                         help="Write the deployed model as ONNX, checked with onnxruntime.")] = None,  # fmt: skip
-    torchscript_file: Annotated[str | None, typer.Option("--torchscript", metavar="FILE", show_default=False,
-                                help="Write the deployed model as traced TorchScript, checked after reloading.")] = None,  # fmt: skip
+    weights: TrainedWeights,
+    onnx_file: Annotated[
+        str | None, _option("--onnx", metavar="FILE", text="Write the deployed model as ONNX, run with onnxruntime.")
+    ] = None,
+    torchscript_file: Annotated[
+        str | None, _option("--torchscript", metavar="FILE", text="Write the deployed model as traced TorchScript.")
+    ] = None,
     arg: Args = None,
     include: Include = None,
     exclude: Exclude = None,
@@ -337,14 +399,14 @@ def export_command(
     force: Force = False,
     debug: Debug = False,
 ) -> None:
-    """Export the deployed model to ONNX and/or TorchScript, each checked against the acified model."""
+    """Export the deployed model to ONNX and/or TorchScript, each file checked against the acified model."""
     if not onnx_file and not torchscript_file:
         raise ACNetError("nothing to export: pass --onnx FILE and/or --torchscript FILE")
     for path in filter(None, (onnx_file, torchscript_file)):
         checkpoint.ensure_writable(path, force=force)
     if onnx_file:
         _require_onnx()
-    trained = _load_trained(spec, weights, arg, include, exclude, min_kernel, max_kernel, input_shape)
+    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel)
     acified = trained.acified
     deployed = deploy(acified)
     x = _example(trained.shape, acified)
@@ -359,15 +421,14 @@ def export_command(
         _print_check(f"onnxruntime ({onnx_file}) vs acified", result)
     if torchscript_file:
         with checkpoint.atomic_output(torchscript_file, force=force) as tmp:
-            with _spinner(f"tracing {torchscript_file}"), _quiet():
-                torch.jit.save(torch.jit.trace(deployed, x), str(tmp))
-                result = verify(acified, torch.jit.load(str(tmp)), x, rtol=rtol)
+            with _spinner(f"tracing {torchscript_file}"):
+                result = verify(acified, _torchscript(deployed, x, tmp), x, rtol=rtol)
         _print_check(f"TorchScript ({torchscript_file}) vs acified", result)
 
 
 @dataclass
-class _Trained:
-    """An acified model rebuilt from a checkpoint, with what it was rebuilt from."""
+class _Rebuilt:
+    """A trained acified model rebuilt from its checkpoint, with what it was rebuilt from."""
 
     spec: ModelSpec
     options: dict
@@ -375,30 +436,42 @@ class _Trained:
     acified: nn.Module
 
 
-def _load_trained(spec, weights, arg, include, exclude, min_kernel, max_kernel, input_shape) -> _Trained:
-    """Rebuild the acified model (metadata of the file, overridden by options given) and load the weights."""
+def _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel) -> _Rebuilt:
+    """Rebuild the acified model (options stored in the file, overridden by those given) and load the weights."""
     trained = checkpoint.read(weights)
     fmt = trained.get("format")
     if fmt in ("plain", "original"):
         raise ACNetError(f"{weights} is already deployed ({fmt}): pass the acified checkpoint, trained")
     model_spec = ModelSpec(spec, tuple(arg) if arg else tuple(trained.get("args", ())))
-    options = _options(trained.get("options") or {}, include=include, exclude=exclude, min_kernel=min_kernel,
-                       max_kernel=max_kernel)  # fmt: skip
+    stored = trained.get("options") or {}
+    options = _options(stored, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel)
     shape = parse_shape(input_shape) if input_shape else tuple(trained.get("input_shape") or DEFAULT_SHAPE)
-    original = model_spec.build()
-    original_keys = set(original.state_dict())
-    acified = _acify(original, options, inplace=True)
+    with _spinner(f"rebuilding {spec}"):
+        original = model_spec.build()
+        original_keys = set(original.state_dict())
+        acified = _acify(original, options, inplace=True)
     if set(trained.state_dict) == original_keys:
         hint = "it holds weights of the unconverted model: run acnet convert --weights FILE first, then train"
     elif fmt is None:
-        hint = f"the file carries no acnet metadata: {STRUCTURE_HINT}"
+        hint = (
+            "the file carries no acnet metadata: pass the --arg, --include, --exclude, --min-kernel and "
+            "--max-kernel values used with acnet convert"
+        )
     else:
         hint = f"it was written for {trained.get('spec')} with --arg {trained.get('args')}: check SPEC and --arg"
     checkpoint.load_strict(acified, trained.state_dict, source=weights, hint=hint)
-    return _Trained(model_spec, options, shape, acified.eval())
+    return _Rebuilt(model_spec, options, shape, acified.eval())
 
 
-def _load_deployed(path: str, trained: _Trained, deployed: nn.Module) -> nn.Module:
+def _load_original_weights(model: nn.Module, path: str) -> None:
+    start = checkpoint.read(path)
+    if start.get("format") is not None:
+        raise ACNetError(f"{path} was written by acnet ({start.get('format')}): pass weights of the unconverted model")
+    hint = "pass weights of the unconverted model built from SPEC with the same --arg values"
+    checkpoint.load_strict(model, start.state_dict, source=path, hint=hint)
+
+
+def _load_deployed(path: str, trained: _Rebuilt, deployed: nn.Module) -> nn.Module:
     """The model a deployed checkpoint (plain or original layout) was written for, with its weights."""
     shipped = checkpoint.read(path)
     fmt = shipped.get("format")
@@ -407,8 +480,8 @@ def _load_deployed(path: str, trained: _Trained, deployed: nn.Module) -> nn.Modu
     if fmt is None:
         fmt = "plain" if set(shipped.state_dict) == set(deployed.state_dict()) else "original"
     model = copy.deepcopy(deployed) if fmt == "plain" else trained.spec.build()
-    checkpoint.load_strict(model, shipped.state_dict, source=path,
-                           hint="pass the file acnet deploy wrote for this SPEC and these weights")  # fmt: skip
+    hint = "pass the file acnet deploy wrote for this SPEC and these weights"
+    checkpoint.load_strict(model, shipped.state_dict, source=path, hint=hint)
     return model.eval()
 
 
@@ -429,9 +502,8 @@ def _acify(model: nn.Module, options: dict, *, inplace: bool) -> nn.Module:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """'1,3,224,224' (or '1x3x224x224') as a tuple of positive ints."""
-    parts = text.replace("x", ",").split(",")
     try:
-        shape = tuple(int(part) for part in parts)
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         shape = ()
     if not shape or any(size <= 0 for size in shape):
@@ -477,6 +549,16 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
         raise ACNetError(f"ONNX export failed ({_first_line(exc)}): acnet deploy --format plain still works") from exc
 
 
+def _torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> nn.Module:
+    """Trace ``model`` on ``x``, save it to ``path`` and load it back."""
+    try:
+        with _quiet():
+            torch.jit.save(torch.jit.trace(model, x), str(path))
+            return torch.jit.load(str(path))
+    except Exception as exc:
+        raise ACNetError(f"TorchScript tracing failed ({_first_line(exc)}): try --onnx, or acnet deploy") from exc
+
+
 class _OnnxRuntime(nn.Module):
     """An ONNX file run by onnxruntime on CPU, callable like the model it was exported from."""
 
@@ -487,7 +569,7 @@ class _OnnxRuntime(nn.Module):
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def forward(self, *inputs: torch.Tensor):
-        feed = {arg.name: x.numpy() for arg, x in zip(self.session.get_inputs(), inputs)}
+        feed = {arg.name: x.numpy() for arg, x in zip(self.session.get_inputs(), inputs, strict=True)}
         outputs = [torch.from_numpy(y) for y in self.session.run(None, feed)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -500,34 +582,37 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _progress(*columns) -> Progress:
+    """A transient progress display on stderr, shown only on a terminal."""
+    return Progress(*columns, TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+
+
 @contextlib.contextmanager
 def _spinner(description: str) -> Iterator[None]:
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as progress:  # fmt: skip
+    with _progress(SpinnerColumn(), TextColumn("{task.description}")) as progress:
         progress.add_task(description, total=None)
         yield
 
 
 @contextlib.contextmanager
 def _bar(description: str, total: int) -> Iterator[Callable[[], None]]:
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as progress:  # fmt: skip
+    with _progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
 
 
-def _merge(into: dict[str, Comparison], new: dict[str, Comparison]) -> None:
-    """Keep the worst error and the largest reference magnitude seen for each name."""
-    for name, c in new.items():
-        old = into.get(name, Comparison(0.0, 0.0))
-        into[name] = Comparison(max(old.max_abs, c.max_abs), max(old.max_ref, c.max_ref))
+def _keep_worst(rows: dict[str, Comparison], new: dict[str, Comparison]) -> None:
+    """Keep, for each name, the comparison with the largest relative error."""
+    for name, comparison in new.items():
+        if name not in rows or comparison.relative > rows[name].relative:
+            rows[name] = comparison
 
 
 def _print_plan(plan: Plan, title: str) -> None:
     table = Table("conv", "kernel", "stride", "groups", "absorbs BN", "action", "why", box=box.SIMPLE, title=title)
     for site in plan.sites:
-        table.add_row(site.name or "<root>", _shape_text(site.kernel), _shape_text(site.stride), str(site.groups),
-                      site.bn or "-", site.action, site.reason)  # fmt: skip
+        kernel, stride = _shape_text(site.kernel), _shape_text(site.stride)
+        table.add_row(site.name or "<root>", kernel, stride, str(site.groups), site.bn or "-", site.action, site.reason)
     out.print(table)
     out.print(plan.summary(), soft_wrap=True)
     for module, why in plan.trace_failures.items():

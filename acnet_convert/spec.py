@@ -1,4 +1,4 @@
-"""Model specs: build a model from ``model.py``, ``model.py:NAME``, ``pkg.mod:NAME``, ``torchvision:NAME`` or ``timm:NAME``."""
+"""Model specs: build a model from ``model.py[:NAME]``, ``pkg.mod[:NAME]``, ``torchvision:NAME`` or ``timm:NAME``."""
 
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ class ModelSpec:
                 f"building {self.text} failed{_user_line(exc)}: {_one_line(exc)}; check the code and the --arg values"
             ) from exc
         if not isinstance(model, nn.Module):
-            raise ACNetError(f"{self.text} returned a {type(model).__name__}, not a torch.nn.Module: name a model class or factory")
+            kind = type(model).__name__
+            raise ACNetError(f"{self.text} returned a {kind}, not a torch.nn.Module: name a model class or factory")
         return model
 
 
@@ -185,7 +186,9 @@ def _discover(module: ModuleType, where: str, kwargs: dict[str, object]) -> Call
     if len(buildable) == 1:
         return buildable[0]
     if not classes:
-        raise ACNetError(f"{where} defines no nn.Module subclass and no {FACTORY}(): add one, or name it as {where}:NAME")
+        raise ACNetError(
+            f"{where} defines no nn.Module subclass and no {FACTORY}(): add one, or name one as {where}:NAME"
+        )
     names = ", ".join(cls.__name__ for cls in (buildable or classes))
     if not buildable:
         raise ACNetError(
@@ -196,14 +199,20 @@ def _discover(module: ModuleType, where: str, kwargs: dict[str, object]) -> Call
 
 
 def _model_classes(module: ModuleType) -> list[type]:
-    return [obj for obj in vars(module).values()
-            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__]  # fmt: skip
+    return [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__
+    ]
 
 
 def _candidates(module: ModuleType) -> list[str]:
     """Names of the model classes and public functions a module defines."""
-    functions = [name for name, obj in vars(module).items()
-                 if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")]  # fmt: skip
+    functions = [
+        name
+        for name, obj in vars(module).items()
+        if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")
+    ]
     return [cls.__name__ for cls in _model_classes(module)] + functions
 
 
@@ -224,8 +233,11 @@ def _suggest(name: str, names: Sequence[str]) -> str:
 
 def _user_line(exc: BaseException) -> str:
     """' at FILE line N' for the innermost frame outside Python's and torch's own code, or ''."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "importlib" not in f.filename and f.filename != __file__ and "site-packages" not in f.filename]  # fmt: skip
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if "importlib" not in frame.filename and frame.filename != __file__ and "site-packages" not in frame.filename
+    ]
     return f" at {Path(frames[-1].filename).name} line {frames[-1].lineno}" if frames else ""
 
 

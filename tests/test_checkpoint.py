@@ -47,7 +47,10 @@ def trained(model, steps=3):
     dtype = next(acified.parameters()).dtype
     optimizer = torch.optim.SGD(acified.parameters(), lr=0.1)
     for _ in range(steps):
-        loss = acified(torch.randn(4, 3, 12, 12, dtype=dtype)).pow(2).mean() + sum(p.sum() for p in acified.parameters()) * 1e-2
+        loss = (
+            acified(torch.randn(4, 3, 12, 12, dtype=dtype)).pow(2).mean()
+            + sum(p.sum() for p in acified.parameters()) * 1e-2
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -64,7 +67,11 @@ def test_safetensors_round_trip_keeps_tensors_and_metadata(tmp_path):
     write(tmp_path / "a.safetensors", state, metadata)
     back = read(tmp_path / "a.safetensors")
     assert back.state_dict.keys() == state.keys() and all(torch.equal(back.state_dict[k], v) for k, v in state.items())
-    assert back.get("format") == "acified" and back.get("args") == ["width=8"] and back.get("input_shape") == [1, 3, 12, 12]
+    assert (
+        back.get("format") == "acified"
+        and back.get("args") == ["width=8"]
+        and back.get("input_shape") == [1, 3, 12, 12]
+    )
     assert back.get("version")  # the writing version is recorded
 
 
@@ -73,7 +80,7 @@ def test_pt_output_is_a_plain_state_dict(tmp_path):
     write(tmp_path / "a.pt", model.state_dict())
     fresh = Net()
     fresh.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True), strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
     assert read(tmp_path / "a.pt").metadata == {}
 
 
@@ -85,10 +92,16 @@ def test_tied_weights_are_written_to_safetensors(tmp_path):
     assert torch.equal(state["0.weight"], state["1.weight"])
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda s: s, lambda s: {"state_dict": s, "epoch": 3}, lambda s: {"model": s, "optimizer": {}},
-    lambda s: {f"module.{k}": v for k, v in s.items()}, lambda s: {"state_dict": {f"_orig_mod.{k}": v for k, v in s.items()}},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: s,
+        lambda s: {"state_dict": s, "epoch": 3},
+        lambda s: {"model": s, "optimizer": {}},
+        lambda s: {f"module.{k}": v for k, v in s.items()},
+        lambda s: {"state_dict": {f"_orig_mod.{k}": v for k, v in s.items()}},
+    ],
+)
 def test_wrappers_and_prefixes_are_unwrapped(tmp_path, wrap):
     state = Net().state_dict()
     torch.save(wrap(state), tmp_path / "w.pt")
@@ -105,13 +118,16 @@ def test_pickle_that_needs_code_is_refused(tmp_path):
         read(tmp_path / "evil.pt")
 
 
-@pytest.mark.parametrize(("name", "make", "fragment"), [
-    ("short.safetensors", lambda good: good.read_bytes()[:200], "not a valid safetensors file"),
-    ("short.pt", None, "not a readable PyTorch or safetensors checkpoint"),
-    ("text.pt", lambda good: b"hello, world\n", "not a readable PyTorch or safetensors checkpoint"),
-    ("list.pt", "list", "holds a list, not a state_dict"),
-    ("mixed.pt", "mixed", "entries epoch are not tensors"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "make", "fragment"),
+    [
+        ("short.safetensors", lambda good: good.read_bytes()[:200], "not a valid safetensors file"),
+        ("short.pt", None, "not a readable PyTorch or safetensors checkpoint"),
+        ("text.pt", lambda good: b"hello, world\n", "not a readable PyTorch or safetensors checkpoint"),
+        ("list.pt", "list", "holds a list, not a state_dict"),
+        ("mixed.pt", "mixed", "entries epoch are not tensors"),
+    ],
+)
 def test_unreadable_files_are_named(tmp_path, name, make, fragment):
     write(tmp_path / "good.safetensors", Net().state_dict())
     write(tmp_path / "good.pt", Net().state_dict())

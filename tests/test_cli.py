@@ -52,7 +52,7 @@ class Net(nn.Module):
 def small(num_classes=2):
     return Net(width=4, num_classes=num_classes)
 '''
-ALONE = '''
+ALONE = """
 from torch import nn
 
 
@@ -63,10 +63,16 @@ class Alone(nn.Module):
 
     def forward(self, x):
         return self.conv(x).relu()
-'''
+"""
 SHAPE = "2,3,16,16"
-SPECS = ["model.py", "model.py:Net", "model.py:small", "cli_fixture_models.nets:small", "torchvision:resnet18",
-         "timm:resnet10t"]  # fmt: skip
+SPECS = [
+    "model.py",
+    "model.py:Net",
+    "model.py:small",
+    "cli_fixture_models.nets:small",
+    "torchvision:resnet18",
+    "timm:resnet10t",
+]
 X = torch.randn(2, 3, 16, 16)
 SCRIPT = Path(sys.executable).with_name("acnet")
 MODES = ["in-process", "subprocess"]
@@ -83,8 +89,14 @@ class Result:
 def run_process(args, cwd) -> Result:
     """``python -m acnet_convert.cli ARGS`` in a fresh interpreter."""
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "acnet_convert.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "acnet_convert.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return Result(done.returncode, done.stdout, done.stderr)
 
 
@@ -209,32 +221,93 @@ class Bad:
 
 TRAINED = ["-w", "trained.safetensors"]
 BAD_INPUTS = [
-    Bad("missing-model-file", ["convert", "absent.py", "-o", "out.safetensors"], 2, "absent.py not found", "out.safetensors"),
-    Bad("syntax-error", ["convert", "broken.py", "-o", "out.safetensors"], 2, "broken.py line 4: syntax error",
-        "out.safetensors"),
+    Bad(
+        "missing-model-file",
+        ["convert", "absent.py", "-o", "out.safetensors"],
+        2,
+        "absent.py not found",
+        "out.safetensors",
+    ),
+    Bad(
+        "syntax-error",
+        ["convert", "broken.py", "-o", "out.safetensors"],
+        2,
+        "broken.py line 4: syntax error",
+        "out.safetensors",
+    ),
     Bad("exception-in-model-file", ["inspect", "raises.py"], 2, "raises.py line 3: RuntimeError: needs a GPU", ""),
-    Bad("missing-factory", ["convert", "model.py:build", "-o", "out.safetensors"], 2,
-        "model.py has no 'build'; it defines Net, small", "out.safetensors"),
-    Bad("wrong-shapes", ["deploy", "model.py", *TRAINED, "--arg", "width=4", "-o", "out.safetensors"], 2,
-        "trained.safetensors does not fit the model", "out.safetensors"),
-    Bad("truncated-checkpoint", ["deploy", "model.py", "-w", "truncated.safetensors", "-o", "out.safetensors"], 2,
-        "truncated.safetensors is not a valid safetensors file", "out.safetensors"),
-    Bad("truncated-pt", ["deploy", "model.py", "-w", "truncated.pt", "-o", "out.safetensors"], 2,
-        "truncated.pt is not a readable PyTorch or safetensors checkpoint", "out.safetensors"),
+    Bad(
+        "missing-factory",
+        ["convert", "model.py:build", "-o", "out.safetensors"],
+        2,
+        "model.py has no 'build'; it defines Net, small",
+        "out.safetensors",
+    ),
+    Bad(
+        "wrong-shapes",
+        ["deploy", "model.py", *TRAINED, "--arg", "width=4", "-o", "out.safetensors"],
+        2,
+        "trained.safetensors does not fit the model",
+        "out.safetensors",
+    ),
+    Bad(
+        "truncated-checkpoint",
+        ["deploy", "model.py", "-w", "truncated.safetensors", "-o", "out.safetensors"],
+        2,
+        "truncated.safetensors is not a valid safetensors file",
+        "out.safetensors",
+    ),
+    Bad(
+        "truncated-pt",
+        ["deploy", "model.py", "-w", "truncated.pt", "-o", "out.safetensors"],
+        2,
+        "truncated.pt is not a readable PyTorch or safetensors checkpoint",
+        "out.safetensors",
+    ),
     Bad("not-a-checkpoint", ["verify", "model.py", "-w", "model.py"], 2, "model.py is not a readable PyTorch", ""),
-    Bad("pickle-needing-code", ["deploy", "model.py", "-w", "pickled.pt", "-o", "out.safetensors"], 2,
-        "refused for safety", "out.safetensors"),
-    Bad("bad-input-shape", ["export", "model.py", *TRAINED, "--onnx", "out.onnx", "--input-shape", "1,3,x"], 2,
-        "bad --input-shape '1,3,x'", "out.onnx"),
-    Bad("input-shape-the-model-rejects", ["export", "model.py", *TRAINED, "--onnx", "out.onnx", "--input-shape",
-        "1,5,16,16"], 2, "failed on a random input of shape 1x5x16x16", "out.onnx"),
-    Bad("existing-output", ["deploy", "model.py", *TRAINED, "-o", "existing.safetensors"], 2,
-        "existing.safetensors already exists: pass --force", "existing.safetensors"),
-    Bad("unrepresentable-original", ["deploy", "alone.py", "-w", "alone.safetensors", "-o", "out.pt", "--format",
-        "original"], 2, "conv has no bias and no BatchNorm after it", "out.pt"),
-    Bad("verification-mismatch", ["verify", "model.py", *TRAINED, "--deployed", "tampered.safetensors"], 1,
-        "exceed rtol=0.0001", ""),
-]  # fmt: skip
+    Bad(
+        "pickle-needing-code",
+        ["deploy", "model.py", "-w", "pickled.pt", "-o", "out.safetensors"],
+        2,
+        "refused for safety",
+        "out.safetensors",
+    ),
+    Bad(
+        "bad-input-shape",
+        ["export", "model.py", *TRAINED, "--onnx", "out.onnx", "--input-shape", "1,3,x"],
+        2,
+        "bad --input-shape '1,3,x'",
+        "out.onnx",
+    ),
+    Bad(
+        "input-shape-the-model-rejects",
+        ["export", "model.py", *TRAINED, "--onnx", "out.onnx", "--input-shape", "1,5,16,16"],
+        2,
+        "failed on a random input of shape 1x5x16x16",
+        "out.onnx",
+    ),
+    Bad(
+        "existing-output",
+        ["deploy", "model.py", *TRAINED, "-o", "existing.safetensors"],
+        2,
+        "existing.safetensors already exists: pass --force",
+        "existing.safetensors",
+    ),
+    Bad(
+        "unrepresentable-original",
+        ["deploy", "alone.py", "-w", "alone.safetensors", "-o", "out.pt", "--format", "original"],
+        2,
+        "conv has no bias and no BatchNorm after it",
+        "out.pt",
+    ),
+    Bad(
+        "verification-mismatch",
+        ["verify", "model.py", *TRAINED, "--deployed", "tampered.safetensors"],
+        1,
+        "exceed rtol=0.0001",
+        "",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -266,10 +339,18 @@ def inputs(tmp_path_factory) -> Path:
 
 IN_PROCESS_ONLY = {"truncated-pt", "pickle-needing-code", "input-shape-the-model-rejects", "unrepresentable-original"}
 CHAIN_SPECS = {"model.py", "model.py:Net"}  # run as a subprocess by test_commands_end_to_end already
-BAD_CASES = [pytest.param(case, mode, id=f"{case.id}-{mode}") for case in BAD_INPUTS for mode in MODES
-             if mode == "in-process" or case.id not in IN_PROCESS_ONLY]  # fmt: skip
-SPEC_CASES = [pytest.param(spec, mode, id=f"{spec}-{mode}") for spec in SPECS for mode in MODES
-              if mode == "in-process" or spec not in CHAIN_SPECS]  # fmt: skip
+BAD_CASES = [
+    pytest.param(case, mode, id=f"{case.id}-{mode}")
+    for case in BAD_INPUTS
+    for mode in MODES
+    if mode == "in-process" or case.id not in IN_PROCESS_ONLY
+]
+SPEC_CASES = [
+    pytest.param(spec, mode, id=f"{spec}-{mode}")
+    for spec in SPECS
+    for mode in MODES
+    if mode == "in-process" or spec not in CHAIN_SPECS
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -326,7 +407,10 @@ def test_unexpected_errors_exit_3_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(cli_module, "deploy", broken)
     result = run_in_process(["inspect", "model.py"], tmp_path, monkeypatch)
     assert result.code == 3
-    assert result.stderr == "error: unexpected RuntimeError: something inside broke (rerun with --debug for the traceback)\n"
+    assert (
+        result.stderr
+        == "error: unexpected RuntimeError: something inside broke (rerun with --debug for the traceback)\n"
+    )
 
 
 def test_failed_onnx_export_leaves_no_file(inputs, tmp_path, monkeypatch):
@@ -360,8 +444,9 @@ def test_onnx_mismatch_exits_1_and_leaves_no_file(inputs, tmp_path, monkeypatch)
 
 def test_force_overwrites(inputs, tmp_path, monkeypatch):
     shutil.copytree(inputs, tmp_path, dirs_exist_ok=True)
-    result = run_in_process(["deploy", "model.py", *TRAINED, "-o", "existing.safetensors", "--force"], tmp_path,
-                            monkeypatch)  # fmt: skip
+    result = run_in_process(
+        ["deploy", "model.py", *TRAINED, "-o", "existing.safetensors", "--force"], tmp_path, monkeypatch
+    )
     assert result.code == 0, result.stderr
     assert read(tmp_path / "existing.safetensors").get("format") == "plain"
 

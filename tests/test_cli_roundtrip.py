@@ -32,8 +32,17 @@ def test_torchvision_round_trip(tmp_path):
     torch.save(model.state_dict(), tmp_path / "trained.pt")  # a plain state_dict, as a training script writes it
     assert model.layer1[0].conv1.branches["hor"].bn.weight.abs().max() > 0  # the new branches have been trained
 
-    acnet("deploy", "torchvision:resnet18", *ARGS, "-w", tmp_path / "trained.pt", "--format", "original",
-          "--out", tmp_path / "deployed.safetensors")  # fmt: skip
+    acnet(
+        "deploy",
+        "torchvision:resnet18",
+        *ARGS,
+        "-w",
+        tmp_path / "trained.pt",
+        "--format",
+        "original",
+        "--out",
+        tmp_path / "deployed.safetensors",
+    )
     original = torchvision.models.resnet18(num_classes=10)
     original.load_state_dict(safetensors.torch.load_file(tmp_path / "deployed.safetensors"), strict=True)
     x = torch.randn(4, 3, 32, 32)

@@ -68,13 +68,17 @@ def test_file_spec_builds_the_only_class_constructible_without_arguments(model_f
 
 
 def test_file_spec_prefers_build_model(tmp_path):
-    path = write(tmp_path, "factory.py", """
+    path = write(
+        tmp_path,
+        "factory.py",
+        """
         from torch import nn
         class Net(nn.Module):
             pass
         def build_model(width=5):
             return nn.Conv2d(3, width, 3)
-    """)
+    """,
+    )
     assert ModelSpec(path, ("width=7",)).build().out_channels == 7
 
 
@@ -108,16 +112,27 @@ def test_timm_spec():
     assert model.state_dict().keys() == timm.create_model("resnet10t", num_classes=3).state_dict().keys()
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("n=3", 3), ("x=0.5", 0.5), ("flag=True", True), ("flag=false", False), ("name=resnet", "resnet"),
-    ("size=(3, 5)", (3, 5)), ("opt=None", None), ("s='7'", "7"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("n=3", 3),
+        ("x=0.5", 0.5),
+        ("flag=True", True),
+        ("flag=false", False),
+        ("name=resnet", "resnet"),
+        ("size=(3, 5)", (3, 5)),
+        ("opt=None", None),
+        ("s='7'", "7"),
+    ],
+)
 def test_arg_values_are_python_literals_else_strings(text, value):
     assert parse_args([text]) == {text.partition("=")[0]: value}
 
 
-@pytest.mark.parametrize(("args", "fragment"), [(["nope"], "is not key=value"), (["a=1", "a=2"], "given twice"),
-                                                (["1x=2"], "is not key=value")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [(["nope"], "is not key=value"), (["a=1", "a=2"], "given twice"), (["1x=2"], "is not key=value")],
+)
 def test_bad_args(args, fragment):
     with pytest.raises(ACNetError, match=fragment):
         parse_args(args)
@@ -125,7 +140,11 @@ def test_bad_args(args, fragment):
 
 def test_stem_names_default_outputs():
     assert [ModelSpec(s).stem for s in ("a/b/net.py", "net.py:Net", "pkg.models:build", "torchvision:resnet18")] == [
-        "net", "Net", "build", "resnet18"]  # fmt: skip
+        "net",
+        "Net",
+        "build",
+        "resnet18",
+    ]
 
 
 def test_missing_file(tmp_path):
@@ -143,25 +162,33 @@ def test_exception_while_importing_names_the_line(tmp_path):
 
 
 def test_exception_in_the_constructor_names_the_line(tmp_path):
-    path = write(tmp_path, "ctor.py", """
+    path = write(
+        tmp_path,
+        "ctor.py",
+        """
         from torch import nn
         class Net(nn.Module):
             def __init__(self, width=3):
                 super().__init__()
                 self.conv = nn.Conv2d(3, width, 3, padding=width // 0)
-    """)
+    """,
+    )
     message = error(path)
     assert "building" in message and "ctor.py line 6" in message and "ZeroDivisionError" in message
 
 
 def test_several_candidates_are_listed(tmp_path):
-    path = write(tmp_path, "two.py", """
+    path = write(
+        tmp_path,
+        "two.py",
+        """
         from torch import nn
         class A(nn.Module):
             pass
         class B(nn.Module):
             pass
-    """)
+    """,
+    )
     message = error(path)
     assert "several models (A, B)" in message and f"{path}:NAME" in message
 
@@ -171,12 +198,18 @@ def test_no_model_in_file(tmp_path):
 
 
 def test_no_class_buildable_without_arguments(model_file, tmp_path):
-    message = error(write(tmp_path, "needs.py", """
+    message = error(
+        write(
+            tmp_path,
+            "needs.py",
+            """
         from torch import nn
         class Net(nn.Module):
             def __init__(self, channels):
                 super().__init__()
-    """))
+    """,
+        )
+    )
     assert "no model class" in message and "Net" in message and "--arg" in message
 
 
@@ -195,11 +228,14 @@ def test_unknown_torchvision_and_timm_models_suggest_names():
     assert "names no model" in error("torchvision:")
 
 
-@pytest.mark.parametrize(("spec", "fragment"), [
-    ("no_such_package_anywhere.models:Net", "no module named 'no_such_package_anywhere'"),
-    ("not a spec", "cannot read the model spec"),
-    ("model.py:9lives", "is not a Python name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("no_such_package_anywhere.models:Net", "no module named 'no_such_package_anywhere'"),
+        ("not a spec", "cannot read the model spec"),
+        ("model.py:9lives", "is not a Python name"),
+    ],
+)
 def test_unreadable_specs(spec, fragment):
     assert fragment in error(spec)
 
