@@ -120,17 +120,17 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context=nullc
     return step
 
 
-def peak_training_memory(model: nn.Module, step: Callable[[], None], x: torch.Tensor, y: torch.Tensor) -> int:
+def peak_training_memory(model: nn.Module, step: Callable[[], None], x: torch.Tensor, y: torch.Tensor) -> dict:
     """Peak bytes of one training step: the allocator's peak on CUDA, an exact account on CPU.
 
     On CPU: parameters + gradients + optimizer state + every tensor saved for backward at the
-    end of the forward pass (the activation memory), each storage counted once.
+    end of the forward pass (the activations), each storage counted once.
     """
     if x.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(x.device)
         step()
-        return torch.cuda.max_memory_allocated(x.device)
-    params = [p for p in model.parameters()]
+        return {"peak_bytes": torch.cuda.max_memory_allocated(x.device), "activation_bytes": None}
+    params = list(model.parameters())
     held = {p.untyped_storage().data_ptr() for p in params}
     saved: dict[int, int] = {}
 
@@ -148,7 +148,9 @@ def peak_training_memory(model: nn.Module, step: Callable[[], None], x: torch.Te
     optimizer_bytes = sum(t.nbytes for s in state.values() for t in s.values() if torch.is_tensor(t))
     param_bytes = sum(p.nbytes for p in params)
     grad_bytes = sum(p.nbytes for p in params if p.requires_grad)
-    return param_bytes + grad_bytes + optimizer_bytes + sum(saved.values())
+    activation_bytes = sum(saved.values())
+    return {"peak_bytes": param_bytes + grad_bytes + optimizer_bytes + activation_bytes,
+            "activation_bytes": activation_bytes}  # fmt: skip
 
 
 def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -218,7 +220,7 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
         for variant, model in models.items():
             memory = peak_training_memory(model, steps[variant], x, y)
             rows.append({"model": name, "batch": batch, "side": side, "variant": variant, **asdict(timings[variant]),
-                         "peak_bytes": memory, "forward_flops": flops[variant], "params": n_params(model)})  # fmt: skip
+                         **memory, "forward_flops": flops[variant], "params": n_params(model)})  # fmt: skip
         _add_ratios(rows[-len(models) :], ("wall_ms", "cpu_ms", "peak_bytes", "forward_flops"))
         del base, models, steps
         gc.collect()

@@ -21,7 +21,7 @@ def test_quickstart_example_deploys_exactly():
 
 def test_conversion_benchmark_runs(tmp_path):
     out = tmp_path / "bench.md"
-    result = run("scripts/bench_convert.py", "--repeats", "1", "--chain", "3,6", "--out", str(out))
+    result = run("scripts/bench.py", "--smoke", "--sections", "convert", "--threads", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     text = out.read_text()
-    assert "| resnet50 | 17 | copy |" in text and "| 6 |" in text
+    assert "| exact | no | 17 |" in text and "| fast | yes | 17 |" in text and "| 6 |" in text

@@ -1,0 +1,121 @@
+"""scripts/bench.py at smoke size: it runs, its report is complete and consistent, and its candidates are exact.
+
+Timings are printed by the benchmark, never checked here; what is checked is deterministic (structure, counts).
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from acnet_convert import acify
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load("bench")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "scripts/bench.py", "--smoke", "--threads", "1", "--out", str(out / "bench.md"),
+               "--json", str(out / "bench.json")]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), done.stdout
+
+
+def test_training_table_has_every_variant_with_consistent_ratios(smoke):
+    result, _, _ = smoke
+    cases = {(r["model"], r["batch"], r["side"]) for r in result["train"]}
+    assert cases == set(bench.SMOKE.train)
+    for case in cases:
+        rows = {r["variant"]: r for r in result["train"] if (r["model"], r["batch"], r["side"]) == case}
+        assert set(rows) == {"original", "exact", "fast", "naive"}
+        for row in rows.values():
+            assert row["wall_ms"] > 0 and len(row["wall_samples"]) == bench.SMOKE.repeats
+            assert row["wall_ms_ratio"] == pytest.approx(row["wall_ms"] / rows["original"]["wall_ms"], rel=1e-12)
+        # deterministic facts: the naive reference and exact mode build the same blocks; fast mode runs one conv
+        assert rows["naive"]["params"] == rows["exact"]["params"]
+        assert rows["naive"]["forward_flops"] == rows["exact"]["forward_flops"] > rows["original"]["forward_flops"]
+        assert rows["fast"]["forward_flops"] == rows["original"]["forward_flops"]
+        # the CPU memory account: fast mode saves exactly one composed kernel per converted conv, exact mode more
+        model = torchvision.models.get_model(case[0])
+        kernels = sum(model.get_submodule(s.name).weight.nbytes for s in acify(model).acnet_plan.converted)
+        assert rows["fast"]["activation_bytes"] - rows["original"]["activation_bytes"] == kernels
+        assert rows["exact"]["activation_bytes"] > rows["original"]["activation_bytes"]
+
+
+def test_deployed_models_have_the_parameter_count_of_the_folded_original(smoke):
+    result, _, _ = smoke
+    rows = {r["variant"]: r for r in result["inference"]}
+    assert rows["original, conv+BN folded"]["params"] < rows["original"]["params"]
+    for variant in ("exact, deployed and folded", "fast, deployed and folded"):
+        assert rows[variant]["params_equal_folded"] and rows[variant]["wall_ms"] > 0
+
+
+def test_candidates_and_conversion_sections_are_complete(smoke):
+    result, _, _ = smoke
+    assert [r["candidate"] for r in result["candidates"]] == list(bench.CANDIDATES)
+    assert {(r["mode"], r["inplace"]) for r in result["convert"]["resnet50"]} == {
+        (m, i) for m in ("exact", "fast") for i in (False, True)
+    }
+    assert all(r["converted"] == 17 for r in result["convert"]["resnet50"])  # resnet50's 3x3 and 7x7 convs
+    assert [r["convs"] for r in result["convert"]["chain"]] == bench.SMOKE.chain
+    assert [r["model"] for r in result["convert"]["zoo"]] == bench.SMOKE.zoo
+
+
+def test_report_describes_the_machine_and_every_section(smoke):
+    result, text, stdout = smoke
+    assert text in stdout
+    assert result["machine"]["cpu"] in text and f"{result['machine']['cores']} cores" in text
+    for heading in ("## Training step", "## Inference after deployment", "## What was tried", "## acify + deploy"):
+        assert heading in text
+    no_accelerator = "No accelerator was available for this run"
+    assert (no_accelerator in text) == (result["machine"]["accelerator"] is None)
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2, stride=2),
+        nn.BatchNorm2d(8, momentum=0.3),
+    ).double()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "mode, candidate",
+    [("exact", bench._sum_out_of_place), ("exact", bench._joint_asymmetric), ("exact", bench._custom_batch_norm_sum),
+     ("fast", bench._fast_through_autograd)],  # fmt: skip
+)
+def test_every_candidate_computes_what_the_shipped_block_computes(mode, candidate):
+    shipped = acify(small_net(), init="scratch", mode=mode).train()
+    other = bench._with_forward(shipped, candidate)
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    want, got = shipped(x), other(x)
+    assert (want - got).abs().max().item() <= 1e-12  # float64 rounding only
+    grads = [torch.autograd.grad(out.square().sum(), list(m.parameters())) for out, m in ((want, shipped), (got, other))]
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for a, b in zip(*grads))
+    assert all(torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-14)
+               for a, b in zip(shipped.buffers(), other.buffers()))  # BatchNorm statistics  # fmt: skip
+
+
+def test_naive_reference_converts_what_acify_converts_in_resnet18():
+    naive = load("naive_acnet")
+    model = torchvision.models.resnet18()
+    blocks = [n for n, m in naive.naive_acify(model).named_modules() if isinstance(m, naive.NaiveACBlock)]
+    assert blocks == [s.name for s in acify(model).acnet_plan.converted]
