@@ -56,14 +56,24 @@ def blocks() -> list[Block]:
 RUNNABLE = [block for block in blocks() if block.runnable]
 
 
+@pytest.fixture
+def one_thread():
+    """Run torch on one thread: the blocks use small tensors, and extra threads only contend on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"{b.page}:{b.line}" for b in RUNNABLE])
-def test_runnable_block(block, tmp_path, monkeypatch):
+def test_runnable_block(block, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     if block.language == "python":
         exec(compile(block.code, f"{block.page}:{block.line}", "exec"), {"__name__": "__main__"})
     else:
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, f"{block.page}:{block.line}\n{done.stdout}\n{done.stderr}"
