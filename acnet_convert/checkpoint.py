@@ -269,7 +269,7 @@ def original_state_dict(original: nn.Module, deployed: nn.Module, plan: Plan) ->
 
 def _site_state(site: Site, original: nn.Module, deployed: nn.Module) -> dict[str, Tensor]:
     fused, conv = deployed.get_submodule(site.name), original.get_submodule(site.name)
-    bias = fused.bias.detach()
+    bias = torch.zeros(fused.out_channels) if fused.bias is None else fused.bias.detach()
     state = {f"{site.name}.weight": fused.weight.detach().to(conv.weight.dtype)}
     if conv.bias is not None:
         state[f"{site.name}.bias"] = bias.to(conv.bias.dtype)

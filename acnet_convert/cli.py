@@ -45,6 +45,7 @@ DEFAULT_OPTIONS = {
     "gamma_init": 1.0,
     "min_kernel": 3,
     "max_kernel": None,
+    "mode": "exact",
 }
 
 app = typer.Typer(
@@ -84,6 +85,10 @@ Exclude = Annotated[
 ]
 MinKernel = Annotated[int | None, _option(text="Convert only kernels whose sides are at least this (default 3).")]
 MaxKernel = Annotated[int | None, _option(text="Convert only kernels whose sides are at most this.")]
+Mode = Annotated[
+    str | None,
+    _option(text="'exact' (the paper's block, absorbs the BatchNorm; default) or 'fast' (one conv per forward)."),
+]
 InputShape = Annotated[
     str | None,
     _option(
@@ -142,8 +147,7 @@ def main(
 ) -> None:
     """ACNet for any PyTorch model: train with Asymmetric Convolution Blocks, deploy as plain convs.
 
-    SPEC names the model: path/model.py (its build_model() or its only nn.Module class), path/model.py:NAME,
-    package.module:NAME, torchvision:NAME or timm:NAME; --arg key=value passes constructor arguments.
+    SPEC is path/model.py[:NAME], package.module[:NAME], torchvision:NAME or timm:NAME (see docs/cli.md).
     """
 
 
@@ -163,15 +167,24 @@ def inspect_command(
     exclude: Exclude = None,
     min_kernel: MinKernel = None,
     max_kernel: MaxKernel = None,
+    mode: Mode = None,
+    input_shape: Annotated[
+        str | None,
+        _option(
+            metavar="N,C,H,W",
+            text="Shape of an example input, run only where torch.fx cannot trace the model (default 1,3,224,224).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")] = False,
     debug: Debug = False,
 ) -> None:
     """Show every conv of the model: converted or skipped (and why), the BatchNorm it absorbs, parameter counts."""
-    options = _options({}, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel)
+    options = _options({}, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel, mode=mode)
+    shape = parse_shape(input_shape) if input_shape else DEFAULT_SHAPE
     with _spinner(f"analysing {spec}"):
         original = ModelSpec(spec, tuple(arg or ())).build()
         counts = {"original": _parameters(original)}
-        acified = _acify(original, options, inplace=True)
+        acified = _acify(original, options, shape, inplace=True)
         counts["training"] = _parameters(acified)
         counts["deployed"] = _parameters(deploy(acified, check=False))  # only counted: no weights leave inspect
     plan = acified.acnet_plan
@@ -217,6 +230,7 @@ def convert_command(
     exclude: Exclude = None,
     min_kernel: MinKernel = None,
     max_kernel: MaxKernel = None,
+    mode: Mode = None,
     input_shape: Annotated[
         str | None,
         _option(
@@ -240,6 +254,7 @@ def convert_command(
         exclude=exclude,
         min_kernel=min_kernel,
         max_kernel=max_kernel,
+        mode=mode,
         init=init,
         gamma_init=gamma_init,
     )
@@ -247,7 +262,7 @@ def convert_command(
         original = model_spec.build()
         if weights:
             _load_original_weights(original, weights)
-        acified = _acify(original, options, inplace=False)
+        acified = _acify(original, options, shape, inplace=False)
         x = _example(shape, acified)
         checks = []
         with _forward_errors(shape):
@@ -284,6 +299,7 @@ def deploy_command(
     exclude: Exclude = None,
     min_kernel: MinKernel = None,
     max_kernel: MaxKernel = None,
+    mode: Mode = None,
     input_shape: InputShape = None,
     rtol: Rtol = 1e-4,
     force: Force = False,
@@ -294,7 +310,7 @@ def deploy_command(
         raise ACNetError(f"unknown --format {fmt!r}: use plain or original")
     target = checkpoint.ensure_writable(out_file, force=force)
     checkpoint.file_kind(target)
-    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel)
+    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel, mode)
     acified = trained.acified
     with _spinner("fusing and checking"):
         deployed = deploy(acified)
@@ -337,12 +353,13 @@ def verify_command(
     exclude: Exclude = None,
     min_kernel: MinKernel = None,
     max_kernel: MaxKernel = None,
+    mode: Mode = None,
     input_shape: InputShape = None,
     rtol: Rtol = 1e-4,
     debug: Debug = False,
 ) -> None:
     """Compare the trained acified model with its deployed form, layer by layer; exit 1 on a mismatch."""
-    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel)
+    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel, mode)
     acified = trained.acified
     deployed = deploy(acified)
     shipped = _load_deployed(deployed_file, trained, deployed) if deployed_file else None
@@ -394,6 +411,7 @@ def export_command(
     exclude: Exclude = None,
     min_kernel: MinKernel = None,
     max_kernel: MaxKernel = None,
+    mode: Mode = None,
     input_shape: InputShape = None,
     rtol: Rtol = 1e-4,
     force: Force = False,
@@ -406,7 +424,7 @@ def export_command(
         checkpoint.ensure_writable(path, force=force)
     if onnx_file:
         _require_onnx()
-    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel)
+    trained = _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel, mode)
     acified = trained.acified
     deployed = deploy(acified)
     x = _example(trained.shape, acified)
@@ -436,7 +454,7 @@ class _Rebuilt:
     acified: nn.Module
 
 
-def _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel) -> _Rebuilt:
+def _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel, mode) -> _Rebuilt:
     """Rebuild the acified model (options stored in the file, overridden by those given) and load the weights."""
     trained = checkpoint.read(weights)
     fmt = trained.get("format")
@@ -444,18 +462,19 @@ def _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_
         raise ACNetError(f"{weights} is already deployed ({fmt}): pass the acified checkpoint, trained")
     model_spec = ModelSpec(spec, tuple(arg) if arg else tuple(trained.get("args", ())))
     stored = trained.get("options") or {}
-    options = _options(stored, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel)
+    given = {"include": include, "exclude": exclude, "min_kernel": min_kernel, "max_kernel": max_kernel, "mode": mode}
+    options = _options(stored, **given)
     shape = parse_shape(input_shape) if input_shape else tuple(trained.get("input_shape") or DEFAULT_SHAPE)
     with _spinner(f"rebuilding {spec}"):
         original = model_spec.build()
         original_keys = set(original.state_dict())
-        acified = _acify(original, options, inplace=True)
+        acified = _acify(original, options, shape, inplace=True)
     if set(trained.state_dict) == original_keys:
         hint = "it holds weights of the unconverted model: run acnet convert --weights FILE first, then train"
     elif fmt is None:
         hint = (
-            "the file carries no acnet metadata: pass the --arg, --include, --exclude, --min-kernel and "
-            "--max-kernel values used with acnet convert"
+            "the file carries no acnet metadata: pass the --arg, --mode, --include, --exclude, --min-kernel, "
+            "--max-kernel and --input-shape values used with acnet convert"
         )
     else:
         hint = f"it was written for {trained.get('spec')} with --arg {trained.get('args')}: check SPEC and --arg"
@@ -490,11 +509,11 @@ def _options(stored: dict, **given) -> dict:
     return {**DEFAULT_OPTIONS, **stored, **{key: value for key, value in given.items() if value is not None}}
 
 
-def _acify(model: nn.Module, options: dict, *, inplace: bool) -> nn.Module:
-    """``acify`` with its warnings shown as one-line notes."""
-    with warnings.catch_warnings(record=True) as caught:
+def _acify(model: nn.Module, options: dict, shape: tuple[int, ...], *, inplace: bool) -> nn.Module:
+    """``acify`` with an example input of ``shape`` (for code torch.fx cannot trace); warnings become notes."""
+    with warnings.catch_warnings(record=True) as caught, _forward_errors(shape):
         warnings.simplefilter("always")
-        acified = acify(model, inplace=inplace, **options)
+        acified = acify(model, inplace=inplace, example_inputs=(_example(shape, model),), **options)
     for warning in caught:
         typer.echo(f"warning: {' '.join(str(warning.message).split())}", err=True)
     return acified

@@ -79,6 +79,15 @@ MODES = ["in-process", "subprocess"]
 COMMANDS = ["inspect", "convert", "deploy", "verify", "export"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class Result:
     code: int
@@ -123,10 +132,10 @@ def ok(result: Result) -> Result:
     return result
 
 
-def train(converted: Path, out: Path, spec: ModelSpec, steps: int = 3) -> torch.nn.Module:
+def train(converted: Path, out: Path, spec: ModelSpec, steps: int = 3, mode: str = "exact") -> torch.nn.Module:
     """What a user does between convert and deploy: rebuild, load, train a little, save with the metadata."""
     checkpoint = read(converted)
-    model = acify(spec.build())
+    model = acify(spec.build(), mode=mode)
     model.load_state_dict(checkpoint.state_dict, strict=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):
@@ -354,22 +363,25 @@ SPEC_CASES = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def background(inputs, tmp_path_factory):
-    """Every subprocess run of the bad-input and spec-form tests, started now, each in its own folder."""
+def background(request, tmp_path_factory):
+    """The selected subprocess runs of the bad-input and spec-form tests, started now, each in its own folder."""
+    selected = {
+        item.callspec.id
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
+    jobs = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = {}
         for case in BAD_INPUTS:
-            if case.id in IN_PROCESS_ONLY:
-                continue
-            folder = tmp_path_factory.mktemp(case.id)
-            shutil.copytree(inputs, folder, dirs_exist_ok=True)
-            jobs[case.id] = (folder, pool.submit(run_process, case.args, folder))
+            if f"{case.id}-subprocess" in selected:
+                folder = tmp_path_factory.mktemp(case.id)
+                shutil.copytree(request.getfixturevalue("inputs"), folder, dirs_exist_ok=True)
+                jobs[case.id] = (folder, pool.submit(run_process, case.args, folder))
         for spec in SPECS:
-            if spec in CHAIN_SPECS:
-                continue
-            folder = tmp_path_factory.mktemp("spec")
-            write_models(folder)
-            jobs[spec] = (folder, pool.submit(run_process, spec_args(spec), folder))
+            if f"{spec}-subprocess" in selected:
+                folder = tmp_path_factory.mktemp("spec")
+                write_models(folder)
+                jobs[spec] = (folder, pool.submit(run_process, spec_args(spec), folder))
         yield jobs
 
 
@@ -390,6 +402,54 @@ def test_bad_input(case, mode, background, inputs, tmp_path, monkeypatch):
     elif case.output:
         assert not (folder / case.output).exists()
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".partial")]
+
+
+def test_fast_mode_is_stored_and_deploys_to_the_original_layout(tmp_path, monkeypatch):
+    write_models(tmp_path)
+    spec = ModelSpec(str(tmp_path / "model.py"))
+    ok(run_in_process(["convert", "model.py", "--mode", "fast", "--input-shape", SHAPE], tmp_path, monkeypatch))
+    assert read(tmp_path / "model.acnet.safetensors").get("options")["mode"] == "fast"
+    acified = train(tmp_path / "model.acnet.safetensors", tmp_path / "trained.safetensors", spec, mode="fast")
+    args = ["deploy", "model.py", *TRAINED, "-o", "deployed.pt", "--format", "original"]
+    ok(run_in_process(args, tmp_path, monkeypatch))  # the mode comes from the checkpoint's metadata
+    original = spec.build()
+    original.load_state_dict(torch.load(tmp_path / "deployed.pt", weights_only=True), strict=True)
+    verify(acified, original, X, rtol=1e-5)
+
+
+DYNAMIC = """
+from torch import nn
+
+
+class Dynamic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # depends on the data: torch.fx cannot trace this
+            x = x.flip(-1)
+        return self.bn(self.conv(x)).relu()
+"""
+
+
+def test_code_torch_fx_cannot_trace_is_analysed_on_an_example_input(tmp_path, monkeypatch):
+    (tmp_path / "dynamic.py").write_text(DYNAMIC)
+    report = json.loads(
+        ok(
+            run_in_process(["inspect", "dynamic.py", "--input-shape", "1,3,8,8", "--json"], tmp_path, monkeypatch)
+        ).stdout
+    )
+    assert report["trace_failures"] and [(s["action"], s["bn"]) for s in report["sites"]] == [("convert", "bn")]
+    ok(
+        run_in_process(
+            ["convert", "dynamic.py", "--input-shape", "1,3,8,8", "-o", "d.safetensors"], tmp_path, monkeypatch
+        )
+    )
+    args = ["deploy", "dynamic.py", "-w", "d.safetensors", "-o", "d.pt", "--format", "original"]
+    ok(run_in_process(args, tmp_path, monkeypatch))  # rebuilt with the stored input shape: the same structure
+    bad = run_in_process(["inspect", "dynamic.py", "--input-shape", "1,2,8,8"], tmp_path, monkeypatch)
+    assert bad.code == 2 and "failed on a random input of shape 1x2x8x8" in bad.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):

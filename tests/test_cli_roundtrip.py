@@ -1,6 +1,7 @@
 """convert a torchvision model, train it in Python, deploy it in the original layout and export it to ONNX."""
 
 import onnxruntime
+import pytest
 import safetensors.torch
 import torch
 import torchvision
@@ -10,6 +11,15 @@ from acnet_convert import acify, verify
 from acnet_convert.cli import app
 
 ARGS = ["--arg", "num_classes=10", "--input-shape", "2,3,32,32"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def acnet(*args):
