@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .block import INITS, ACBlock, resolve_padding
+from .block import BLOCK_CONVS, INITS, LAYOUTS, ACBlock, resolve_padding
 from .errors import ACNetError
 from .fast_block import FastACBlock
 from .graph import Plan, analyze
@@ -27,12 +27,15 @@ def plan(
     min_kernel: int = 3,
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
+    layout3d: str = "lines",
 ) -> Plan:
     """Report, without changing anything, what ``acify`` would do with every conv of ``model``."""
     _check_model(model, "plan")
+    if layout3d not in LAYOUTS:
+        raise ACNetError(f"unknown layout3d {layout3d!r}: use one of {', '.join(LAYOUTS)}")
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    return analyze(model, _patterns(include), _patterns(exclude), min_kernel, max_kernel, example_inputs)
+    return analyze(model, _patterns(include), _patterns(exclude), min_kernel, max_kernel, example_inputs, layout3d)
 
 
 def acify(
@@ -47,37 +50,43 @@ def acify(
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
     mode: str = "exact",
+    layout3d: str = "lines",
 ) -> nn.Module:
-    """Turn every eligible Conv2d (with the BatchNorm after it) into an ACBlock for training.
+    """Turn every eligible Conv2d, Conv3d and ConvTranspose2d (with the BatchNorm after it) into an ACBlock.
 
     Returns a model of the same class (a copy unless ``inplace``); its ``acnet_plan``
     attribute lists every conv site with the decision taken and why.  ``example_inputs``
     (run once in eval mode) let convs inside code that torch.fx cannot trace be analysed too.
-    ``mode="fast"`` makes each conv a ``FastACBlock`` instead (one conv per forward, linear
-    branches) and leaves every BatchNorm in place.
+    ``mode="fast"`` makes each Conv2d a ``FastACBlock`` instead (one conv per forward, linear
+    branches) and leaves every BatchNorm in place.  ``layout3d`` picks the branches of 3D kernels:
+    ``"lines"`` (Kdx1x1, 1xKhx1, 1x1xKw) or ``"planes"`` (1xKhxKw, Kdx1xKw, KdxKhx1).
     """
     _check_model(model, "acify")
     if init not in INITS:
         raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
     if mode not in MODES:
         raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    if isinstance(model, nn.Conv2d):
+    if isinstance(model, BLOCK_CONVS):
         raise ACNetError("acify needs a model that contains convs; wrap a single conv with ACBlock.from_conv")
     report = plan(
         model, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel,
-        example_inputs=example_inputs,
+        example_inputs=example_inputs, layout3d=layout3d,
     )  # fmt: skip
     if not inplace:
         model = copy.deepcopy(model)
     for site in report.converted:
         conv = model.get_submodule(site.name)
+        if mode == "fast" and type(conv) is not nn.Conv2d:
+            site.action, site.bn, site.layout, site.reason = "skip", None, "", "fast mode converts Conv2d only"
+            continue
         if mode == "fast":
             replace_module(model, site.name, FastACBlock.from_conv(conv, init=init, gamma_init=gamma_init))
             if site.bn:
                 site.bn, site.reason = None, f"fast mode: BatchNorm {site.bn} stays after the block"
             continue
         bn = model.get_submodule(site.bn) if site.bn else None
-        replace_module(model, site.name, ACBlock.from_conv(conv, bn, init=init, gamma_init=gamma_init))
+        block = ACBlock.from_conv(conv, bn, init=init, gamma_init=gamma_init, layout=layout3d)
+        replace_module(model, site.name, block)
         if site.bn:
             replace_module(model, site.bn, nn.Identity())
     setattr(model, PLAN_ATTR, report)
@@ -93,7 +102,7 @@ def acify(
 
 
 def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True) -> nn.Module:
-    """Fuse every ACBlock and FastACBlock into one plain Conv2d; the result computes the same function in eval mode.
+    """Fuse every ACBlock and FastACBlock into one plain conv; the result computes the same function in eval mode.
 
     With ``check`` each fused conv is compared with its block in float64 on a random
     input first; a mismatch raises ``ACNetError`` and leaves the model untouched.
@@ -118,7 +127,7 @@ def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True) -> nn
 
 
 def _check_fusion(
-    name: str, block: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, tolerance: float = 1e-8
+    name: str, block: nn.Module, conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor, tolerance: float = 1e-8
 ) -> None:
     """Compare the block with ``conv`` running the fused float64 kernel on a small random float64 input."""
     k, s, d = block.kernel_size, block.stride, block.dilation
@@ -132,7 +141,8 @@ def _check_fusion(
     try:
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             want = torch.func.functional_call(block, state, (x,))
-            got = conv._conv_forward(x, weight, bias if conv.bias is not None else None)
+            fused = {"weight": weight} | ({"bias": bias} if conv.bias is not None else {})
+            got = torch.func.functional_call(conv, fused, (x,))
     finally:
         block.train(was_training)
     err = (want - got).abs().max().item()

@@ -14,7 +14,7 @@ class Flow:
     users: dict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))  # conv -> its BN, per call
     blockers: dict[str, str] = field(default_factory=dict)  # conv -> why its output cannot be absorbed
     bn_input: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # BN -> what feeds it
-    read_directly: dict[str, str] = field(default_factory=dict)  # module -> how its parameters are used directly
+    unsafe: dict[str, str] = field(default_factory=dict)  # module -> why replacing it could change behaviour
     covered: set[str] = field(default_factory=set)  # modules this analysis can speak for
 
     def max_calls(self, name: str) -> int:

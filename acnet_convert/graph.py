@@ -20,12 +20,16 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .block import ACBlock
+from .block import BLOCK_CONVS, ACBlock, describe_layout, kernel_problem
 from .fast_block import FastACBlock
 from .flow import Flow
 from .runtime import probe_flow
 
-FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+FOLDABLE_BN = {  # the BatchNorms that may be folded into each kind of conv
+    nn.Conv2d: (nn.BatchNorm2d, nn.SyncBatchNorm),
+    nn.ConvTranspose2d: (nn.BatchNorm2d, nn.SyncBatchNorm),
+    nn.Conv3d: (nn.BatchNorm3d, nn.SyncBatchNorm),
+}
 BLOCKS = (ACBlock, FastACBlock)
 
 
@@ -40,6 +44,8 @@ class Site:
     action: str  # "convert", "skip" or "done" (already an ACBlock)
     reason: str = ""
     bn: str | None = None  # the BatchNorm absorbed into the block, if any
+    conv_type: str = "Conv2d"
+    layout: str = ""  # the block's branches, e.g. "3x3 + 3x1 + 1x3"
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -69,9 +75,9 @@ class Plan:
         )
 
     def __str__(self) -> str:
-        rows = [f"{s.action:8} {s.name or '<root>'}  k={s.kernel} s={s.stride} g={s.groups}"
-                + (f"  +bn {s.bn}" if s.bn else "") + (f"  ({s.reason})" if s.reason else "")
-                for s in self.sites]  # fmt: skip
+        rows = [f"{s.action:8} {s.name or '<root>'}  {s.conv_type} k={s.kernel} s={s.stride} g={s.groups}"
+                + (f"  [{s.layout}]" if s.layout else "") + (f"  +bn {s.bn}" if s.bn else "")
+                + (f"  ({s.reason})" if s.reason else "") for s in self.sites]  # fmt: skip
         return "\n".join([*rows, self.summary()])
 
 
@@ -79,7 +85,7 @@ class _Tracer(fx.Tracer):
     """Stops at convs, BatchNorms and ACBlocks so that each shows up as one call."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, _BatchNorm, *BLOCKS)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*BLOCK_CONVS, _BatchNorm, *BLOCKS)) or super().is_leaf_module(m, qualname)
 
 
 def analyze(
@@ -89,8 +95,9 @@ def analyze(
     min_kernel: int = 3,
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
+    layout3d: str = "lines",
 ) -> Plan:
-    """Decide, for every Conv2d of ``model``, whether and how it becomes an ACBlock.
+    """Decide, for every Conv2d, Conv3d and ConvTranspose2d of ``model``, whether and how it becomes an ACBlock.
 
     fx graphs speak for the parts that trace; ``example_inputs``, when given, are run once
     to speak for the rest.
@@ -107,9 +114,13 @@ def analyze(
             continue
         if isinstance(module, BLOCKS):
             already = "already an ACBlock" if isinstance(module, ACBlock) else "already a FastACBlock"
-            plan.sites.append(Site(name, module.kernel_size, module.stride, module.groups, "done", already))
-        elif isinstance(module, nn.Conv2d):
-            site = Site(name, tuple(module.kernel_size), tuple(module.stride), module.groups, "convert")
+            kind = getattr(module, "conv_type", nn.Conv2d).__name__
+            layout = describe_layout(module.kernel_size, getattr(module, "layout", "lines"))
+            plan.sites.append(Site(name, module.kernel_size, module.stride, module.groups, "done", already,
+                                   conv_type=kind, layout=layout))  # fmt: skip
+        elif isinstance(module, BLOCK_CONVS):
+            site = Site(name, tuple(module.kernel_size), tuple(module.stride), module.groups, "convert",
+                        conv_type=_base_conv(module).__name__)  # fmt: skip
             why_not = _why_not_eligible(name, module, aliases, flows, include, exclude, min_kernel, max_kernel)
             flow = traced if name in traced.covered else probed
             if not why_not and name not in flow.covered:
@@ -120,6 +131,8 @@ def analyze(
                 site.reason = "in code torch.fx cannot trace, only ever called: converted without absorbing a BatchNorm"
             else:
                 site.bn, site.reason = _absorbable_bn(name, modules, aliases, flow, claimed)
+            if site.action == "convert":
+                site.layout = describe_layout(module.kernel_size, layout3d)
             plan.sites.append(site)
     _warn_unmatched(model, include, "include")
     _warn_unmatched(model, exclude, "exclude")
@@ -139,8 +152,8 @@ def _trace_flow(model: nn.Module, failures: dict[str, str]) -> Flow:
 
 
 def _trace_region(module: nn.Module, prefix: str, flow: Flow, failures: dict[str, str]) -> None:
-    if isinstance(module, (nn.Conv2d, _BatchNorm, *BLOCKS)) or not any(
-        isinstance(m, nn.Conv2d) for m in module.modules()
+    if isinstance(module, (*BLOCK_CONVS, _BatchNorm, *BLOCKS)) or not any(
+        isinstance(m, BLOCK_CONVS) for m in module.modules()
     ):
         return
     graphs = []
@@ -178,7 +191,7 @@ def _read_graph(graph: fx.Graph, root: nn.Module, prefix: str, flow: Flow) -> No
     for node in graph.nodes:
         if node.op == "get_attr":
             owner = str(node.target).rpartition(".")[0]
-            flow.read_directly.setdefault(prefix + owner, f"its attribute {node.target} is read directly")
+            flow.unsafe.setdefault(prefix + owner, f"its attribute {node.target} is read directly")
         if node.op != "call_module":
             continue
         name = prefix + str(node.target)
@@ -189,7 +202,9 @@ def _read_graph(graph: fx.Graph, root: nn.Module, prefix: str, flow: Flow) -> No
             flow.bn_input[name].update(prefix + str(a.target) if a.op == "call_module" else a.name for a in sources)
             if len(node.args) != 1 or node.kwargs:
                 flow.bn_input[name].add("<extra arguments>")
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, BLOCK_CONVS):
+            if len(node.args) != 1 or node.kwargs:
+                flow.unsafe.setdefault(name, "called with extra arguments (e.g. output_size)")
             users = list(node.users)
             user = users[0] if len(users) == 1 else None
             if user is not None and user.op == "call_module" and isinstance(
@@ -218,16 +233,17 @@ def _describe_users(users: list[fx.Node], root: nn.Module) -> str:
 def _why_not_eligible(name, conv, aliases, flows, include, exclude, min_kernel, max_kernel) -> str:
     """Why ``conv`` must not become an ACBlock, or '' when it may."""
     kernel = tuple(conv.kernel_size)
-    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+    base = _base_conv(conv)
+    if any(getattr(type(conv), m, None) is not getattr(base, m, None) for m in ("forward", "_conv_forward")):
         return f"{type(conv).__name__} overrides forward()"
     if hasattr(conv, "parametrizations"):
         return "weight is parametrized (e.g. weight/spectral norm)"
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
         return "lazy conv not initialised yet: run one forward first"
-    if any(k % 2 == 0 for k in kernel):
-        return "even kernel side: the 1xK/Kx1 branches have no centre row/column"
-    if any(k < min_kernel for k in kernel):
-        return f"kernel side below {min_kernel}"
+    if kernel_problem(kernel):
+        return kernel_problem(kernel)
+    if any(1 < k < min_kernel for k in kernel):
+        return f"kernel side below min_kernel={min_kernel}"
     if max_kernel is not None and any(k > max_kernel for k in kernel):
         return f"kernel side above max_kernel={max_kernel}"
     if not conv.weight.is_floating_point():
@@ -241,8 +257,8 @@ def _why_not_eligible(name, conv, aliases, flows, include, exclude, min_kernel, 
     if _has_hooks(conv):
         return "has hooks registered on it"
     for flow in flows:
-        if name in flow.read_directly:
-            return flow.read_directly[name]
+        if name in flow.unsafe:
+            return flow.unsafe[name]
     return ""
 
 
@@ -269,8 +285,9 @@ def _absorbable_bn(name, modules, aliases, flow, claimed) -> tuple[str | None, s
 
 
 def _bn_problem(bn_name, bn, conv, aliases, flow, claimed, conv_name) -> str:
-    if type(bn) not in FOLDABLE_BN:
-        return f"is a {type(bn).__name__}, not BatchNorm2d/SyncBatchNorm"
+    foldable = FOLDABLE_BN[_base_conv(conv)]
+    if type(bn) not in foldable:
+        return f"is a {type(bn).__name__}, not {'/'.join(c.__name__ for c in foldable)}"
     if not bn.track_running_stats or bn.running_mean is None:
         return "tracks no running statistics, so it cannot be folded"
     if bn.num_features != conv.out_channels:
@@ -283,8 +300,8 @@ def _bn_problem(bn_name, bn, conv, aliases, flow, claimed, conv_name) -> str:
         return "is registered under several names"
     if _has_hooks(bn):
         return "has hooks registered on it"
-    if bn_name in flow.read_directly:
-        return flow.read_directly[bn_name]
+    if bn_name in flow.unsafe:
+        return flow.unsafe[bn_name]
     if bn_name in claimed:
         return "is already absorbed by another conv"
     return ""
@@ -340,6 +357,11 @@ def _enclosing_function(node: ast.AST, parents: dict) -> str | None:
     return None
 
 
+def _base_conv(conv: nn.Module) -> type:
+    """The torch conv class that ``conv`` is (or derives from)."""
+    return next(c for c in BLOCK_CONVS if isinstance(conv, c))
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
@@ -350,7 +372,7 @@ def _inside_block(name: str, modules: dict[str, nn.Module]) -> bool:
 
 
 def _warn_unmatched(model: nn.Module, patterns: Sequence[str] | None, what: str) -> None:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    names = [n for n, m in model.named_modules() if isinstance(m, BLOCK_CONVS)]
     for pattern in patterns or ():
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            warnings.warn(f"{what} pattern {pattern!r} matches no Conv2d; names look like {names[:3]}", stacklevel=3)
+            warnings.warn(f"{what} pattern {pattern!r} matches no conv; names look like {names[:3]}", stacklevel=3)

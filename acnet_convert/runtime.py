@@ -48,11 +48,13 @@ class _Recorder(TorchFunctionMode):
         self.outputs: dict[int, tuple[str, Tensor, list[str]]] = {}  # id(conv output) -> (conv, tensor, consumers)
         self.calls: Counter = Counter()
         self.bn_input: dict[str, set[str]] = {}
-        self.read_directly: dict[str, str] = {}
+        self.unsafe: dict[str, str] = {}
 
     def enter(self, module, args, kwargs):
         name = self.names[module]
         self.calls[name] += 1
+        if isinstance(module, _ConvNd) and (len(args) != 1 or kwargs):
+            self.unsafe.setdefault(name, "called with extra arguments (e.g. output_size)")
         if isinstance(module, _BatchNorm):
             source = self.outputs.get(id(args[0])) if len(args) == 1 and not kwargs else None
             self.bn_input.setdefault(name, set()).add(source[0] if source else "<other input>")
@@ -72,7 +74,7 @@ class _Recorder(TorchFunctionMode):
                 continue
             owner = self.owner.get(id(value))
             if owner is not None and (current is None or self.names[current] != owner):
-                self.read_directly.setdefault(owner, f"a parameter of it is used by {_name(func)} outside its call")
+                self.unsafe.setdefault(owner, f"a parameter of it is used by {_name(func)} outside its call")
             source = self.outputs.get(id(value))
             if source is None or _reads_metadata(func):
                 continue
@@ -81,7 +83,7 @@ class _Recorder(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
     def flow(self) -> Flow:
-        result = Flow(calls=[self.calls], read_directly=self.read_directly)
+        result = Flow(calls=[self.calls], unsafe=self.unsafe)
         result.covered.update(name for name, count in self.calls.items() if count)
         for bn, sources in self.bn_input.items():
             result.bn_input[bn] = sources
