@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from .block import ACBlock
 from .convert import acify, deploy
 from .errors import ACNetError
 from .training import check_acify_options, save_weights
@@ -30,8 +29,8 @@ class ACNetCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Convert the module in place, for every stage, so that acified checkpoints load into it."""
-        acify(pl_module, inplace=True, **self.options)
-        if not any(isinstance(m, ACBlock) for m in pl_module.modules()):
+        report = acify(pl_module, inplace=True, **self.options).acnet_plan
+        if not any(site.action in ("convert", "done") for site in report.sites):
             raise ACNetError(
                 f"{type(pl_module).__name__} has no conv that acify can convert when the callback runs; if its layers "
                 "are built in setup() or configure_model(), call acify there instead of using ACNetCallback"

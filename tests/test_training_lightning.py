@@ -10,7 +10,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from acnet_convert import ACBlock, ACNetError, acify, deploy, verify  # noqa: E402
+from acnet_convert import ACBlock, ACNetError, FastACBlock, acify, deploy, verify  # noqa: E402
 from acnet_convert.lightning_callback import ACNetCallback  # noqa: E402
 from acnet_convert.models import SmallCNN  # noqa: E402
 
@@ -76,6 +76,14 @@ def test_callback_acifies_before_the_optimizer_and_writes_the_deployed_model(tmp
     load_model(written, tmp_path / "deployed.safetensors")
     with torch.no_grad():
         assert torch.equal(written(x), callback.deployed(x))
+
+
+def test_callback_passes_acify_options_through():
+    module, callback = Classifier(), ACNetCallback(mode="fast", init="scratch")
+    trainer(callback, 2).fit(module, loader())
+    assert sum(isinstance(m, FastACBlock) for m in module.modules()) == 3
+    assert not any(isinstance(m, FastACBlock) for m in callback.deployed.modules())
+    assert verify(module, callback.deployed, torch.randn(4, 3, 12, 12), rtol=1e-5).relative <= 1e-5
 
 
 def test_resuming_fit_from_an_acified_checkpoint_is_bit_identical(tmp_path):
