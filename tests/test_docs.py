@@ -2,7 +2,7 @@
 
 A fenced block whose info string is ``python runnable`` is run with ``exec`` in a fresh namespace; a
 ``bash runnable`` block is run by bash with this interpreter's scripts (``acnet``) first on the PATH.
-Both run in an empty temporary directory.
+Both run in an empty temporary directory. Relative links must point to existing files and headings.
 """
 
 import importlib.util
@@ -100,3 +100,20 @@ def test_acblock_figure_shows_branches_that_sum_to_the_deployed_kernel(tmp_path)
     path = figures.make_acblock_figure(tmp_path / "acblock.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "img/acblock.png" in (ROOT / "docs" / "how-it-works.md").read_text()
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for the headings of ``page``."""
+    headings = re.findall(r"^#+\s+(.*)$", FENCE.sub("", page.read_text()), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_relative_links_point_to_existing_files_and_headings():
+    link = re.compile(r"\]\((?!https?://|mailto:)([^)#\s]*)(?:#([^)\s]*))?\)")
+    broken = []
+    for page in PAGES:
+        for target, anchor in link.findall(FENCE.sub("", page.read_text())):
+            path = page.parent / target if target else page
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
+                broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
+    assert not broken, broken
