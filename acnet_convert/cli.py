@@ -22,7 +22,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from torch import nn
 
 from . import __version__, checkpoint
@@ -373,11 +373,11 @@ def verify_command(
                 _keep_worst(rows, {f"output ({deployed_file})": verify(acified, shipped, x, rtol=math.inf)})
             advance()
     title = f"{spec}: deployed vs acified, worst of {samples} random input(s) of shape {_shape_text(trained.shape)}"
-    table = Table("layer", "max abs error", "max |ref|", "relative", "", box=box.SIMPLE, title=title)
+    table = Table(_folding("layer"), "max abs error", "max |ref|", "relative", "", box=box.SIMPLE, title=title)
     for name, c in rows.items():
         status = "ok" if c.relative <= rtol else "[bold red]MISMATCH[/]"
         table.add_row(name, f"{c.max_abs:.3g}", f"{c.max_ref:.3g}", f"{c.relative:.3g}", status)
-    out.print(table)
+    _print_table(table)
     failed = [name for name, c in rows.items() if c.relative > rtol]
     if failed:
         worst = max(failed, key=lambda name: rows[name].relative)
@@ -628,14 +628,26 @@ def _keep_worst(rows: dict[str, Comparison], new: dict[str, Comparison]) -> None
 
 
 def _print_plan(plan: Plan, title: str) -> None:
-    table = Table("conv", "kernel", "stride", "groups", "absorbs BN", "action", "why", box=box.SIMPLE, title=title)
+    names = [_folding("conv"), "kernel", "stride", "groups", _folding("absorbs BN"), "action", _folding("why")]
+    table = Table(*names, box=box.SIMPLE, title=title)
     for site in plan.sites:
         kernel, stride = _shape_text(site.kernel), _shape_text(site.stride)
         table.add_row(site.name or "<root>", kernel, stride, str(site.groups), site.bn or "-", site.action, site.reason)
-    out.print(table)
+    _print_table(table)
     out.print(plan.summary(), soft_wrap=True)
     for module, why in plan.trace_failures.items():
         typer.echo(f"warning: torch.fx could not trace {module or '<root>'} ({why})", err=True)
+
+
+def _folding(header: str) -> Column:
+    """A column of names: wrapped rather than cut short when the table is too wide."""
+    return Column(header, overflow="fold")
+
+
+def _print_table(table: Table) -> None:
+    """Fit a terminal's width; in a file or pipe use up to 160 columns so that rows stay whole."""
+    console = out if out.is_terminal else Console(highlight=False, width=max(out.width, 160))
+    console.print(table)
 
 
 def _print_check(label: str, result: VerifyResult) -> None:
