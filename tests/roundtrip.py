@@ -8,8 +8,8 @@ from acnet_convert import ACBlock, acify, deploy, verify
 
 def eligible_convs(model: nn.Module) -> list[nn.Module]:
     """Plain convs of the supported kinds whose sides are odd, at least two of them >= 3: the ones ACNet applies to."""
-    kinds = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
-    return [m for m in model.modules() if type(m) in kinds
+    kinds = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)  # subclasses count unless they change forward()
+    return [m for m in model.modules() if any(isinstance(m, k) and type(m).forward is k.forward for k in kinds)
             and all(k % 2 for k in m.kernel_size) and sum(k >= 3 for k in m.kernel_size) >= 2]  # fmt: skip
 
 
