@@ -628,11 +628,11 @@ def _keep_worst(rows: dict[str, Comparison], new: dict[str, Comparison]) -> None
 
 
 def _print_plan(plan: Plan, title: str) -> None:
-    names = [_folding("conv"), "kernel", "stride", "groups", _folding("absorbs BN"), "action", _folding("why")]
-    table = Table(*names, box=box.SIMPLE, title=title)
-    for site in plan.sites:
-        kernel, stride = _shape_text(site.kernel), _shape_text(site.stride)
-        table.add_row(site.name or "<root>", kernel, stride, str(site.groups), site.bn or "-", site.action, site.reason)
+    headers = ["kernel", "stride", "groups", _folding("branches"), _folding("absorbs BN"), "action", _folding("why")]
+    table = Table(_folding("conv"), "type", *headers, box=box.SIMPLE, title=title)
+    for s in plan.sites:
+        shape = (_shape_text(s.kernel), _shape_text(s.stride), str(s.groups), s.layout or "-", s.bn or "-")
+        table.add_row(s.name or "<root>", s.conv_type, *shape, s.action, s.reason)
     _print_table(table)
     out.print(plan.summary(), soft_wrap=True)
     for module, why in plan.trace_failures.items():

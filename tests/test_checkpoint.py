@@ -257,3 +257,29 @@ def test_written_safetensors_load_with_the_plain_safetensors_api(tmp_path):
     rebuilt = acify(Net())
     rebuilt.load_state_dict(safetensors.torch.load_file(tmp_path / "t.safetensors"), strict=True)
     verify(acified, rebuilt, X, rtol=0.0)  # identical weights: identical outputs
+
+
+class Volume(nn.Module):
+    """A Conv3d with its BatchNorm3d, then a ConvTranspose2d with a bias and no BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(self.bn(self.conv(x)).relu().mean(2))
+
+
+def test_original_layout_of_conv3d_and_transposed_conv_blocks():
+    x = torch.randn(2, 2, 4, 6, 6)
+    acified = acify(Volume(), example_inputs=(x,))
+    with torch.no_grad():
+        for p in acified.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # stands in for training: every branch and bias moves
+    acified(x)  # train mode: the BatchNorms collect statistics
+    acified.eval()
+    fresh = Volume()
+    fresh.load_state_dict(original_state_dict(fresh, deploy(acified), acified.acnet_plan), strict=True)
+    assert fresh.bn.bias.abs().max() > 0 and fresh.up.bias.abs().max() > 0
+    verify(acified, fresh, x, rtol=1e-5)
