@@ -192,7 +192,7 @@ def test_small_cnn_learns_digits_and_the_deployed_model_predicts_the_same(init):
     with torch.no_grad():
         acified_logits, deployed_logits = model(x_test), deployed(x_test)
     accuracy = (acified_logits.argmax(1) == y_test).float().mean().item()
-    assert accuracy >= 0.8, accuracy  # chance is 0.1; 60 steps reach about 0.93-0.96
+    assert accuracy >= 0.8, accuracy  # chance is 0.1; these 60 steps reach about 0.95-0.96
     assert torch.equal(deployed_logits.argmax(1), acified_logits.argmax(1))
     assert verify(model, deployed, x_test, rtol=1e-5).relative <= 1e-5
 
