@@ -27,6 +27,7 @@ from torch import nn
 
 from . import __version__, checkpoint
 from .convert import acify, deploy
+from .demo import DEFAULT_EPOCHS, run_demo
 from .errors import ACNetError, VerificationError
 from .graph import Plan
 from .spec import FORMS, ModelSpec
@@ -442,6 +443,23 @@ def export_command(
             with _spinner(f"tracing {torchscript_file}"):
                 result = verify(acified, _torchscript(deployed, x, tmp), x, rtol=rtol)
         _print_check(f"TorchScript ({torchscript_file}) vs acified", result)
+
+
+@app.command(
+    "demo",
+    epilog=_epilog("acnet demo", "acnet demo --epochs 5 --out-dir /tmp --quiet", note=EXIT_CODES),
+)
+@guarded
+def demo_command(
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs for each model.")] = DEFAULT_EPOCHS,
+    seed: Annotated[int, typer.Option(help="Seed for the weights and the batch order.")] = 0,
+    out_dir: Annotated[str, typer.Option(metavar="DIR", help="Where to write acnet-demo.png.")] = ".",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Train the paper's small CNN on 8x8 digits as baseline and ACNet, deploy it, prove the predictions equal."""
+    if not run_demo(epochs=epochs, seed=seed, out_dir=out_dir, quiet=quiet).predictions_equal:
+        raise typer.Exit(EXIT_MISMATCH)
 
 
 @dataclass

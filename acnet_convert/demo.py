@@ -5,8 +5,6 @@ Run with ``python -m acnet_convert.demo`` (options: ``--help``).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .convert import acify, deploy
-from .errors import ACNetError
 from .experiment import History, Recipe, Split, count_parameters, load_digits, predict, single_thread, train
 from .models import SmallCNN
 from .verify import verify
@@ -175,23 +172,3 @@ def write_plot(baseline: History, acnet: History, out_dir: Path, title: str) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns 0 when the deployed model's predictions equal the trained ACNet's."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs for each model")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch order")
-    parser.add_argument("--out-dir", default=".", help=f"where to write {PLOT_NAME}")
-    parser.add_argument("--quiet", action="store_true", help="print nothing")
-    args = parser.parse_args(argv)
-    try:
-        result = run_demo(epochs=args.epochs, seed=args.seed, out_dir=args.out_dir, quiet=args.quiet)
-    except ACNetError as error:  # VerificationError included: the deployed model is not the trained one
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0 if result.predictions_equal else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

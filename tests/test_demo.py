@@ -46,7 +46,7 @@ def test_quiet_demo_prints_nothing_and_writes_no_plot_without_a_directory(capsys
 
 
 def test_demo_command_prints_a_table_that_proves_the_deployment(tmp_path):
-    command = [sys.executable, "-m", "acnet_convert.demo", "--epochs", "1", "--seed", "3", "--out-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "acnet_convert.cli", "demo", "--epochs", "1", "--seed", "3", "--out-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
     assert done.returncode == 0, done.stderr
 
