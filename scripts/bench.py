@@ -1,6 +1,6 @@
 """Training cost, inference latency and conversion time of acnet-convert, side by side, as ratios.
 
-Full size, by hand (about 15 minutes on a quiet 2-core CPU; the figures in docs/benchmarks.md come from it):
+Full size, by hand (about 20 minutes of CPU time on one core; docs/benchmarks.md is written by it):
     python scripts/bench.py --out docs/benchmarks.md --json docs/benchmarks.json
 Smoke size, in the test suite (well under a minute):
     python scripts/bench.py --smoke
@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -106,31 +107,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context=nullcontext) -> Callable[[], None]:
-    """One SGD-with-momentum step of ``model`` on a fixed batch, as a closure."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+class TrainStep:
+    """One SGD-with-momentum step of a model on a fixed batch; call it to run the step."""
 
-    def step() -> None:
-        with context():
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context=nullcontext):
+        self.model, self.x, self.y, self.context = model, x, y, context
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-    step.optimizer = optimizer  # type: ignore[attr-defined]
-    return step
+    def __call__(self) -> None:
+        with self.context():
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(self.x), self.y).backward()
+            self.optimizer.step()
+
+    def state_bytes(self) -> int:
+        """Bytes of the parameters and the optimizer state."""
+        state = self.optimizer.state.values()
+        return sum(p.nbytes for p in self.model.parameters()) + sum(
+            t.nbytes for s in state for t in s.values() if torch.is_tensor(t)
+        )
 
 
-def peak_training_memory(model: nn.Module, step: Callable[[], None], x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Peak bytes of one training step: the allocator's peak on CUDA, an exact account on CPU.
+def peak_training_memory(step: TrainStep) -> dict:
+    """Peak bytes of one training step, with the parameters and the optimizer state (run the step once first).
 
-    On CPU: parameters + gradients + optimizer state + every tensor saved for backward at the
-    end of the forward pass (the activations), each storage counted once.
+    On CUDA: the allocator's peak during the step, above what was allocated before it, plus
+    the step's own parameters and optimizer state. On CPU, where no allocator tracks a peak, an
+    exact account: parameters + gradients + optimizer state + every tensor saved for backward at
+    the end of the forward pass (the activations), each storage counted once.
     """
-    if x.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(x.device)
+    step.model.zero_grad(set_to_none=True)
+    if step.x.device.type == "cuda":
+        before = torch.cuda.memory_allocated(step.x.device)
+        torch.cuda.reset_peak_memory_stats(step.x.device)
         step()
-        return {"peak_bytes": torch.cuda.max_memory_allocated(x.device), "activation_bytes": None}
-    params = list(model.parameters())
+        peak = torch.cuda.max_memory_allocated(step.x.device) - before + step.state_bytes()
+        return {"peak_bytes": peak, "activation_bytes": None}
+    params = list(step.model.parameters())
     held = {p.untyped_storage().data_ptr() for p in params}
     saved: dict[int, int] = {}
 
@@ -140,17 +153,13 @@ def peak_training_memory(model: nn.Module, step: Callable[[], None], x: torch.Te
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
+    with step.context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(step.model(step.x), step.y)
     loss.backward()
-    model.zero_grad(set_to_none=True)
-    state = step.optimizer.state  # type: ignore[attr-defined]
-    optimizer_bytes = sum(t.nbytes for s in state.values() for t in s.values() if torch.is_tensor(t))
-    param_bytes = sum(p.nbytes for p in params)
+    step.model.zero_grad(set_to_none=True)
     grad_bytes = sum(p.nbytes for p in params if p.requires_grad)
     activation_bytes = sum(saved.values())
-    return {"peak_bytes": param_bytes + grad_bytes + optimizer_bytes + activation_bytes,
-            "activation_bytes": activation_bytes}  # fmt: skip
+    return {"peak_bytes": step.state_bytes() + grad_bytes + activation_bytes, "activation_bytes": activation_bytes}
 
 
 def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -161,6 +170,7 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def n_params(model: nn.Module) -> int:
+    """Number of parameter elements."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -168,6 +178,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def build(name: str, device: torch.device) -> nn.Module:
+    """A torchvision model with random weights, the same ones on every call."""
     torch.manual_seed(0)
     return torchvision.models.get_model(name, weights=None).to(device)
 
@@ -214,11 +225,11 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
         x = torch.randn(batch, 3, side, side, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         models = training_variants(base)
-        steps = {variant: train_step(model, x, y) for variant, model in models.items()}
+        steps = {variant: TrainStep(model, x, y) for variant, model in models.items()}
         timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
         flops = {variant: forward_flops(model, x) for variant, model in models.items()}
         for variant, model in models.items():
-            memory = peak_training_memory(model, steps[variant], x, y)
+            memory = peak_training_memory(steps[variant])
             rows.append({"model": name, "batch": batch, "side": side, "variant": variant, **asdict(timings[variant]),
                          **memory, "forward_flops": flops[variant], "params": n_params(model)})  # fmt: skip
         _add_ratios(rows[-len(models) :], ("wall_ms", "cpu_ms", "peak_bytes", "forward_flops"))
@@ -431,11 +442,28 @@ def _custom_batch_norm_sum(block: ACBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fast_through_autograd(block: FastACBlock, x: torch.Tensor) -> torch.Tensor:
-    """The composed kernel built from zero-padded scaled kernels by autograd (zero padding mode only)."""
+    """FastACBlock's forward with the kernel composed by ``_kernel_through_autograd`` (zero padding mode only)."""
+    kernel = _kernel_through_autograd(block)
+    return F.conv2d(x, kernel, block.bias, block.stride, block.padding, block.dilation, block.groups)
+
+
+def _kernel_through_autograd(block: FastACBlock) -> torch.Tensor:
+    """The composed kernel built from zero-padded scaled kernels, differentiated by autograd."""
     kernel = block.weight * block.scale_square.reshape(-1, 1, 1, 1)
     for weight, scale in ((block.weight_hor, block.scale_hor), (block.weight_ver, block.scale_ver)):
         kernel = kernel + _padded(weight * scale.reshape(-1, 1, 1, 1), block.kernel_size)
-    return F.conv2d(x, kernel, block.bias, block.stride, block.padding, block.dilation, block.groups)
+    return kernel
+
+
+def _composition(blocks: list[FastACBlock], compose: Callable[[FastACBlock], torch.Tensor]) -> Callable[[], None]:
+    """Forward and backward of every block's composed kernel alone, as a closure."""
+    params = [p for block in blocks for p in block.parameters() if p is not block.bias]
+
+    def run() -> None:
+        kernels = [compose(block) for block in blocks]
+        torch.autograd.grad(kernels, params, [torch.ones_like(k) for k in kernels])
+
+    return run
 
 
 @contextmanager
@@ -485,7 +513,7 @@ def bench_candidates(sizes: Sizes, device: torch.device) -> list[dict]:
     if device.type != "cpu":
         models = {k: m for k, m in models.items() if "oneDNN" not in k}
     steps = {
-        key: train_step(model, x_last if "channels_last" in key else x, y, _onednn_off if "oneDNN" in key else nullcontext)
+        key: TrainStep(model, x_last if "channels_last" in key else x, y, _onednn_off if "oneDNN" in key else nullcontext)
         for key, model in models.items()
     }
     timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
@@ -496,6 +524,15 @@ def bench_candidates(sizes: Sizes, device: torch.device) -> list[dict]:
             rows.append({"candidate": candidate, "what": what, "kept": kept, "model": name, "batch": batch,
                          "side": side, "wall_ratio": t.wall_ms / ref.wall_ms, "cpu_ratio": t.cpu_ms / ref.cpu_ms,
                          "wall_ms": t.wall_ms, "reference_wall_ms": ref.wall_ms})  # fmt: skip
+    blocks = [m for m in fast.modules() if isinstance(m, FastACBlock)]
+    compositions = {
+        "fast, as shipped": _composition(blocks, FastACBlock.composed_weight),
+        "fast, composed through autograd": _composition(blocks, _kernel_through_autograd),
+    }
+    composition = interleaved(compositions, 3 * sizes.repeats, sizes.warmup, device)
+    for row in rows:
+        if row["candidate"] in composition:
+            row["composition_ms"] = composition[row["candidate"]].cpu_ms
     return rows
 
 
@@ -549,13 +586,13 @@ def busy_note(result: dict) -> str:
 def markdown(result: dict) -> str:
     """The whole of docs/benchmarks.md."""
     m = result["machine"]
-    command = "python scripts/bench.py" + (" --smoke" if result["smoke"] else "")
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `{command} --out docs/benchmarks.md --json docs/benchmarks.json`; rerun it rather than "
-        "editing this page. Variants are measured interleaved (the order rotates every round); every time is a "
-        "median over rounds, and ratios are against the unconverted model measured in the same rounds.",
+        f"Written by `{result['command']}`. Regenerate it with `python scripts/bench.py --out docs/benchmarks.md "
+        "--json docs/benchmarks.json` (add `--threads N` to fix the thread count) rather than editing this page. "
+        "Variants are measured interleaved (the order rotates every round); every time is a median over rounds, and "
+        "ratios are against the unconverted model measured in the same rounds.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device `{m['device']}`, "
         f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}. {busy_note(result)}",
@@ -646,22 +683,29 @@ def _candidates_md(rows: list[dict], m: dict) -> list[str]:
         "function, gradients and BatchNorm statistics as the shipped block (checked in float64 by "
         "`tests/test_bench.py`); it is kept only if it is faster.",
         "",
-        "| candidate | what | step ratio | CPU time ratio | kept |",
-        "|---|---|---|---|---|",
+        "The last column times the kernel composition of fast mode alone (forward and backward for every converted "
+        "conv, CPU time per step, median), where it is measured with far less noise than within a whole step.",
+        "",
+        "| candidate | what | step ratio | CPU time ratio | kept | composition alone (ms) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        composition = f"{r['composition_ms']:.1f}" if "composition_ms" in r else ""
         lines.append(f"| {r['candidate']} | {r['what']} | {r['wall_ratio']:.2f}x | {r['cpu_ratio']:.2f}x | "
-                     f"{'yes' if r['kept'] else 'no'} |")  # fmt: skip
+                     f"{'yes' if r['kept'] else 'no'} | {composition} |")  # fmt: skip
     return lines + ["", *NOTES]
 
 
 NOTES = [
     "Notes on the candidates:",
     "",
-    "- The exact block computes every branch, so its step-time ratio cannot go below the FLOP ratio in the "
-    "training table. What remains above it on CPU is the two extra BatchNorms per block (memory-bound passes, a "
-    "larger share of a CPU step than of a GPU step) and oneDNN's lower throughput per FLOP on 1xK and Kx1 kernels "
-    "than on KxK ones.",
+    "- The exact block computes every branch, so its step-time ratio cannot go below the FLOP ratio of the training "
+    "table. What it pays above that is memory-bound work that the FLOP count does not see: two more BatchNorms per "
+    "block (statistics, normalisation and their backward are passes over the branch outputs), the branch outputs "
+    "themselves, and oneDNN's throughput on 1xK and Kx1 kernels. On CPU that work is a large share of a step, "
+    "and for MobileNetV2, whose converted convs are depthwise (memory-bound themselves), it is nearly all of it: "
+    "its FLOP ratio says little there. The naive reference runs the same native kernels, so exact mode can only "
+    "beat it by what it does around them.",
     "- Adding the third branch in place saves one full-size temporary per block; its time gain is within noise.",
     "- Zero-padding the asymmetric kernels to KxK to run them as one conv triples their FLOPs, which costs far more "
     "than the saved call. A custom BN + sum function written with PyTorch operations needs more passes over the "
@@ -674,13 +718,16 @@ NOTES = [
     "- Fast mode: composing the kernel with autograd through `F.pad` makes several passes over every kernel per "
     "step (padding copies, zero fills, additions, and their backward); the hand-written composition makes one "
     "multiply forward and one multiply and one contraction per branch backward, and keeps higher-order gradients. "
-    "Recomputing the composed kernel in backward instead of saving it would save one kernel-sized tensor per conv "
-    "(the memory table shows how small that is next to the activations at realistic sizes) for a second "
-    "composition per step and a hand-written conv backward; it was not adopted.",
+    "The difference is a few percent of a step, below the noise of whole steps on a shared machine, hence the "
+    "composition timed alone. Recomputing the composed kernel in backward instead of saving it would save one "
+    "kernel-sized tensor per conv for a second composition per step and a hand-written conv backward; it was not "
+    "adopted.",
     "- Fast mode's remaining cost is proportional to the number of weights, not to the batch or the image: the "
     "composition, and the optimizer and gradients of the extra 1xK and Kx1 kernels. It is a visible share of a "
     "step at 64x64 (ResNet-18's last stage works on 2x2 maps) and a small one at 224x224; MobileNetV2's "
-    "converted convs are depthwise, so it is negligible there.",
+    "converted convs are depthwise, so it is negligible there. The same holds for its memory: the extra kernels, "
+    "their gradients and optimizer state, and one composed kernel per conv, next to activations that grow with "
+    "batch and image size.",
 ]
 
 
@@ -721,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write every figure and sample here")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     sections = tuple(s for s in args.sections.split(",") if s)
     unknown = [s for s in sections if s not in SECTIONS]
@@ -729,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(sections, SMOKE if args.smoke else FULL, torch.device(args.device))
+    result["command"] = shlex.join(["python", "scripts/bench.py", *argv])
     text = markdown(result)
     print(text)
     if args.out:

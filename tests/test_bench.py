@@ -72,6 +72,8 @@ def test_deployed_models_have_the_parameter_count_of_the_folded_original(smoke):
 def test_candidates_and_conversion_sections_are_complete(smoke):
     result, _, _ = smoke
     assert [r["candidate"] for r in result["candidates"]] == list(bench.CANDIDATES)
+    timed_alone = [r["candidate"] for r in result["candidates"] if r.get("composition_ms", 0) > 0]
+    assert timed_alone == ["fast, as shipped", "fast, composed through autograd"]
     assert {(r["mode"], r["inplace"]) for r in result["convert"]["resnet50"]} == {
         (m, i) for m in ("exact", "fast") for i in (False, True)
     }
