@@ -10,9 +10,6 @@ from .block import INITS, resolve_padding
 from .errors import ACNetError
 from .kernels import Kernel, centre_slices, fold_bn, sum_branches
 
-BRANCHES = ("square", "hor", "ver")
-
-
 class FastACBlock(nn.Module):
     """A conv whose KxK kernel is composed, every forward, from scaled KxK, 1xK and Kx1 kernels.
 
@@ -42,7 +39,7 @@ class FastACBlock(nn.Module):
         conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self._build(conv, scale_square=1.0, scale_new=1.0)
+        self._build(conv, scale_new=1.0)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, init: str = "preserve", gamma_init: float = 1.0) -> FastACBlock:
@@ -56,11 +53,11 @@ class FastACBlock(nn.Module):
             raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
         block = cls.__new__(cls)
         nn.Module.__init__(block)
-        block._build(conv, scale_square=1.0, scale_new=0.0 if init == "preserve" else gamma_init)
+        block._build(conv, scale_new=0.0 if init == "preserve" else gamma_init)
         block.train(conv.training)
         return block
 
-    def _build(self, conv: nn.Conv2d, scale_square: float, scale_new: float) -> None:
+    def _build(self, conv: nn.Conv2d, scale_new: float) -> None:
         """Take over ``conv``'s settings, weight and bias; add the 1xK and Kx1 kernels and the scales."""
         kh, kw = conv.kernel_size
         if kh % 2 == 0 or kw % 2 == 0 or kh < 3 or kw < 3:
@@ -76,9 +73,9 @@ class FastACBlock(nn.Module):
         for name, kernel in (("weight_hor", (1, kw)), ("weight_ver", (kh, 1))):
             template = nn.Conv2d(conv.in_channels, conv.out_channels, kernel, groups=conv.groups, bias=False, **factory)
             setattr(self, name, template.weight)  # the default Conv2d initialisation, as in exact mode
-        for branch in BRANCHES:
-            value = scale_square if branch == "square" else scale_new
-            setattr(self, f"scale_{branch}", nn.Parameter(torch.full((conv.out_channels,), value, **factory)))
+        self.scale_square = nn.Parameter(torch.ones(conv.out_channels, **factory))
+        self.scale_hor = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
+        self.scale_ver = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
 
     def composed_weight(self) -> Tensor:
         """The KxK kernel this block runs (differentiable in every weight and scale)."""
