@@ -7,6 +7,7 @@ from .convert import acify, deploy, plan
 from .errors import ACNetError, VerificationError
 from .fast_block import FastACBlock
 from .graph import Plan, Site
+from .training import ACNetTraining, acnet_model, save_weights
 from .verify import VerifyResult, verify
 
 try:
@@ -14,17 +15,30 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
+
+def __getattr__(name: str):
+    """Import the Lightning callback on first use, so that ``import acnet_convert`` never imports Lightning."""
+    if name == "ACNetCallback":
+        from .lightning_callback import ACNetCallback
+
+        return ACNetCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ACBlock",
     "ACNetError",
+    "ACNetTraining",
     "FastACBlock",
     "Plan",
     "Site",
     "VerificationError",
     "VerifyResult",
     "acify",
+    "acnet_model",
     "deploy",
     "plan",
+    "save_weights",
     "verify",
     "__version__",
 ]

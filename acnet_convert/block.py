@@ -168,11 +168,12 @@ class ACBlock(nn.Module):
         gamma_init: float = 1.0,
         layout: str = "lines",
     ) -> ACBlock:
-        """Wrap an existing conv (and the BatchNorm after it) without changing their weights.
+        """Wrap an existing conv (and the BatchNorm after it), keeping the conv's weights and the BN's statistics.
 
         ``init="preserve"`` starts the new branches with BN gamma = beta = 0, so in eval mode
-        the block computes exactly what ``bn(conv(x))`` did; ``init="scratch"`` starts them
-        with gamma = ``gamma_init`` as in the paper.  ``layout`` chooses the branches of a 3D
+        the block computes exactly what ``bn(conv(x))`` did; ``init="scratch"`` (the paper's
+        setting, for training from scratch) starts every branch's gamma, the absorbed
+        BatchNorm's included, at ``gamma_init``.  ``layout`` chooses the branches of a 3D
         kernel: ``"lines"`` (Kdx1x1, 1xKhx1, 1x1xKw) or ``"planes"`` (1xKhxKw, Kdx1xKw, KdxKhx1).
         """
         if init not in INITS:
@@ -185,6 +186,9 @@ class ACBlock(nn.Module):
                 with torch.no_grad():
                     branch.bn.weight.fill_(0.0 if init == "preserve" else gamma_init)
                     branch.bn.bias.zero_()
+        if init == "scratch" and bn is not None and bn.weight is not None:
+            with torch.no_grad():
+                bn.weight.fill_(gamma_init)
         block.train(conv.training)
         return block
 

@@ -226,7 +226,7 @@ def convert_command(
         _option("--out", "-o", metavar="FILE", text="Output, .safetensors or .pt (default NAME.acnet.safetensors)."),
     ] = None,
     init: Annotated[str, typer.Option(help="New branches: 'preserve' (function unchanged) or 'scratch'.")] = "preserve",
-    gamma_init: Annotated[float, typer.Option(help="BN gamma of the new branches with --init scratch.")] = 1.0,
+    gamma_init: Annotated[float, typer.Option(help="BN gamma of every branch with --init scratch.")] = 1.0,
     include: Include = None,
     exclude: Exclude = None,
     min_kernel: MinKernel = None,

@@ -249,7 +249,7 @@ python scripts/accuracy_study.py --dataset cifar10 --data-dir PATH --device cuda
 `--dataset cifar10` selects `--model resnet56` (He et al.'s CIFAR ResNet-56, 0.85M parameters, from
 `acnet_convert.models.CifarResNet`) and this recipe: standard augmentation (zero-pad to 40x40, random 32x32
 crop, random horizontal flip), SGD with momentum 0.9, batch 128, weight decay 1e-4, learning rate 0.2 with a
-cosine schedule to 0 over 400 epochs, new-branch BatchNorm gamma 1/3 (the authors' released ResNet-56
+cosine schedule to 0 over 400 epochs, every branch's BatchNorm gamma 1/3 (the authors' released ResNet-56
 configuration). Each option can be overridden (`--epochs`, `--batch-size`, `--lr`, `--weight-decay`,
 `--gamma-init`, `--seeds`, `--modes`). That is 400 epochs per model, three variants and five seeds by
 default: plan GPU days, or start with `--seeds 1 --epochs 100` to see the trend.

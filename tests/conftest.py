@@ -7,6 +7,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run torch on one thread: small tensors gain nothing from more, and on a busy machine extra threads cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_bn(model: torch.nn.Module, *inputs, steps: int = 3) -> None:
     """Give every BatchNorm random affine parameters and non-trivial running statistics."""
     with torch.no_grad():

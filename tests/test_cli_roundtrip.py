@@ -13,13 +13,7 @@ from acnet_convert.cli import app
 ARGS = ["--arg", "num_classes=10", "--input-shape", "2,3,32,32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def acnet(*args):

@@ -56,15 +56,6 @@ def blocks() -> list[Block]:
 RUNNABLE = [block for block in blocks() if block.runnable]
 
 
-@pytest.fixture
-def one_thread():
-    """Run torch on one thread: the blocks use small tensors, and extra threads only contend on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"{b.page}:{b.line}" for b in RUNNABLE])
 def test_runnable_block(block, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)

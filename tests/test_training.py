@@ -64,6 +64,7 @@ def test_scratch_init_sets_gamma_init_and_default_initialises_the_new_kernels():
     assert torch.equal(square.conv.weight, model[0].weight) and torch.equal(square.conv.bias, model[0].bias)
     for name in ("bias", "running_mean", "running_var"):
         assert torch.equal(getattr(square.bn, name), getattr(model[1], name)), name
+    assert torch.all(square.bn.weight == torch.tensor(1 / 3)), "scratch: every branch's gamma starts at gamma_init"
     for name in ("hor", "ver"):
         branch = block.branches[name]
         assert torch.all(branch.bn.weight == torch.tensor(1 / 3)) and torch.all(branch.bn.bias == 0)
@@ -284,7 +285,10 @@ def test_sync_batchnorm_branches_train_and_fold(when):
     assert verify(model, deployed, torch.randn(4, 3, 12, 12), rtol=1e-5).relative <= 1e-5
 
 
-def test_importing_the_package_does_not_import_lightning():
-    code = "import sys, acnet_convert, acnet_convert.training; assert 'lightning' not in sys.modules"
+def test_importing_the_package_does_not_import_lightning_until_the_callback_is_used():
+    code = (
+        "import sys, acnet_convert; from acnet_convert import *; assert 'lightning' not in sys.modules; "
+        "from acnet_convert import ACNetCallback; assert 'lightning' in sys.modules"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

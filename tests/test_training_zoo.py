@@ -11,13 +11,7 @@ from acnet_convert import ACBlock, acify
 CLASSIFICATION = models.list_models(module=models)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batch-1 forwards of small images gain nothing from a second thread, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def give_bn_statistics(model: nn.Module) -> None:
