@@ -471,3 +471,9 @@ def test_no_warning_on_a_clean_conversion():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         acify(Net())
+
+
+def test_verify_compares_fast_blocks_layer_by_layer_too():
+    acified = acify(Net(), mode="fast", init="scratch")
+    result = verify(acified, deploy(acified), X, layers=True)
+    assert set(result.layers) == {"conv1", "conv2"}
