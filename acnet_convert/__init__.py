@@ -2,6 +2,13 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+try:
+    __version__ = version("acnet-convert")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+# The version is set first: submodules that write checkpoints record it.
+
 from .block import ACBlock
 from .convert import acify, deploy, plan
 from .errors import ACNetError, VerificationError
@@ -9,11 +16,6 @@ from .fast_block import FastACBlock
 from .graph import Plan, Site
 from .training import ACNetTraining, acnet_model, save_weights
 from .verify import VerifyResult, verify
-
-try:
-    __version__ = version("acnet-convert")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
 
 
 def __getattr__(name: str):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -13,9 +12,9 @@ from typing import Any, ParamSpec
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_model
 from torch import nn
 
+from . import checkpoint
 from .convert import acify, deploy
 from .errors import ACNetError
 
@@ -38,26 +37,15 @@ def is_main_process() -> bool:
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model``'s state_dict atomically: safetensors for a ``.safetensors`` path, ``torch.save`` otherwise.
+    """Write ``model``'s state_dict atomically: safetensors for ``.safetensors``, ``torch.save`` for ``.pt``/``.pth``.
 
-    The file is written next to ``path`` under a temporary name and renamed into place, so a crash never leaves a
-    truncated file behind.  Load it into the same architecture with ``safetensors.torch.load_model(model, path)``
-    or ``model.load_state_dict(torch.load(path, weights_only=True))``.
+    The file is written beside ``path`` under a temporary name and renamed into place, so a crash never leaves a
+    truncated file behind; an existing file is replaced.  Load it with ``model.load_state_dict`` after
+    ``safetensors.torch.load_file(path)`` or ``torch.load(path, weights_only=True)``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            save_model(model, tmp)  # drops aliased tensors and makes the rest contiguous
-        else:
-            torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return checkpoint.write(path, model.state_dict(), force=True)
 
 
 def acnet_model(

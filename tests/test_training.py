@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import randomize_bn
-from safetensors.torch import load_model
+from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
@@ -111,7 +111,7 @@ def test_acnet_training_trains_then_writes_the_deployed_weights(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["deployed.safetensors"], "no temporary file is left behind"
 
     skeleton = deploy(acify(tiny_cnn()), check=False).eval()
-    load_model(skeleton, out)
+    skeleton.load_state_dict(load_file(out))
     with torch.no_grad():
         assert torch.equal(skeleton(x), run.deployed(x))
 
@@ -126,11 +126,11 @@ def test_acnet_training_writes_nothing_when_training_raises(tmp_path):
 
 def test_save_weights_handles_tied_tensors_and_the_torch_format(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    model[1].weight = model[0].weight  # tied: safetensors refuses aliased tensors unless deduplicated
+    model[1].weight = model[0].weight  # tied: safetensors refuses aliased tensors unless copied
     save_weights(model, tmp_path / "tied.safetensors")
     save_weights(model, tmp_path / "sub" / "tied.pt")
     for path, load in [
-        (tmp_path / "tied.safetensors", lambda m, p: load_model(m, p)),
+        (tmp_path / "tied.safetensors", lambda m, p: m.load_state_dict(load_file(p))),
         (tmp_path / "sub" / "tied.pt", lambda m, p: m.load_state_dict(torch.load(p, weights_only=True))),
     ]:
         fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
@@ -153,7 +153,7 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path):
     train_steps(model, optimizer, steps=3)
 
     resumed, resumed_optimizer = fresh(1)
-    load_model(resumed, tmp_path / "model.safetensors")
+    resumed.load_state_dict(load_file(tmp_path / "model.safetensors"))
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     resumed_optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
