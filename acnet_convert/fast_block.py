@@ -154,7 +154,8 @@ class _ComposedKernel(torch.autograd.Function):
         weights, scales = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
         grads_w, grads_s = [], []
         for i, (w, scale) in enumerate(zip(weights, scales)):
-            g = grad[(..., *centre_slices(w.shape[2:], grad.shape[2:]))]
+            where = centre_slices(w.shape[2:], grad.shape[2:])
+            g = grad[(..., *where)].contiguous()  # copies the row and the column: einsum is slow on strided views
             grads_w.append(_scaled(g, scale) if ctx.needs_input_grad[i] else None)
             grads_s.append(torch.einsum("oikl,oikl->o", g, w) if ctx.needs_input_grad[3 + i] else None)
         return (*grads_w, *grads_s)

@@ -256,8 +256,11 @@ def bench_inference(sizes: Sizes, device: torch.device) -> list[dict]:
         }
         steps = {variant: _inference(model, x) for variant, model in models.items()}
         timings = interleaved(steps, sizes.infer_repeats, 2, device)
-        group = [{"model": name, "batch": sizes.infer_batch, "side": sizes.infer_size, "variant": variant,
-                  **asdict(timings[variant]), "params": n_params(model)} for variant, model in models.items()]  # fmt: skip
+        group = [
+            {"model": name, "batch": sizes.infer_batch, "side": sizes.infer_size, "variant": variant,
+             **asdict(timings[variant]), "params": n_params(model)}
+            for variant, model in models.items()
+        ]  # fmt: skip
         folded = group[1]
         for row in group:
             row["wall_vs_original"] = row["wall_ms"] / group[0]["wall_ms"]
@@ -512,10 +515,10 @@ def bench_candidates(sizes: Sizes, device: torch.device) -> list[dict]:
     }
     if device.type != "cpu":
         models = {k: m for k, m in models.items() if "oneDNN" not in k}
-    steps = {
-        key: TrainStep(model, x_last if "channels_last" in key else x, y, _onednn_off if "oneDNN" in key else nullcontext)
-        for key, model in models.items()
-    }
+    steps = {}
+    for key, model in models.items():
+        context = _onednn_off if "oneDNN" in key else nullcontext
+        steps[key] = TrainStep(model, x_last if "channels_last" in key else x, y, context)
     timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
     rows = []
     for candidate, (what, reference, kept) in CANDIDATES.items():
@@ -573,14 +576,17 @@ def run(sections: tuple[str, ...], sizes: Sizes, device: torch.device, log: Call
 
 
 def busy_note(result: dict) -> str:
-    """A sentence on how loaded the machine was, from the load averages at start and end."""
-    cores = result["machine"]["cores"] or 1
-    loads = [load[0] for load in (result["machine"]["load_average"], result["load_average_end"]) if load]
+    """A sentence on how loaded the machine was: load averages at start and end against the benchmark's threads."""
+    m = result["machine"]
+    loads = [load[0] for load in (m["load_average"], result["load_average_end"]) if load]
     if not loads:
         return ""
-    state = "busy: wall-clock figures are noisy, CPU-time ratios are the steadier ones" if max(loads) > 0.5 * cores \
-        else "quiet"  # fmt: skip
-    return f"1-minute load average {loads[0]:.1f} at the start and {loads[-1]:.1f} at the end on {cores} cores ({state})."
+    busy = max(loads) > m["torch_threads"] + 0.5  # more than the benchmark's own threads were running
+    state = "busy: other work shared the cores, so wall-clock figures are noisy" if busy else "quiet"
+    return (
+        f"1-minute load average {loads[0]:.1f} at the start and {loads[-1]:.1f} at the end, with {m['cores']} cores "
+        f"and {m['torch_threads']} benchmark threads ({state}; CPU-time ratios are the steadier figures)."
+    )
 
 
 def markdown(result: dict) -> str:
@@ -636,8 +642,8 @@ def _train_md(rows: list[dict], m: dict) -> list[str]:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['batch']}, {r['side']}x{r['side']} | {VARIANT_NAMES[r['variant']]} | "
-            f"{r['wall_ms']:.1f} | {r['wall_ms_ratio']:.2f}x | {r['cpu_ms_ratio']:.2f}x | {r['peak_bytes'] / MiB:.1f} | "
-            f"{r['peak_bytes_ratio']:.2f}x | {r['forward_flops_ratio']:.2f} |"
+            f"{r['wall_ms']:.1f} | {r['wall_ms_ratio']:.2f}x | {r['cpu_ms_ratio']:.2f}x | "
+            f"{r['peak_bytes'] / MiB:.1f} | {r['peak_bytes_ratio']:.2f}x | {r['forward_flops_ratio']:.2f} |"
         )
     return lines
 

@@ -110,7 +110,8 @@ def test_every_candidate_computes_what_the_shipped_block_computes(mode, candidat
     x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
     want, got = shipped(x), other(x)
     assert (want - got).abs().max().item() <= 1e-12  # float64 rounding only
-    grads = [torch.autograd.grad(out.square().sum(), list(m.parameters())) for out, m in ((want, shipped), (got, other))]
+    grads = [torch.autograd.grad(out.square().sum(), list(m.parameters()))
+             for out, m in ((want, shipped), (got, other))]  # fmt: skip
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for a, b in zip(*grads))
     assert all(torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-14)
                for a, b in zip(shipped.buffers(), other.buffers()))  # BatchNorm statistics  # fmt: skip

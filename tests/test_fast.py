@@ -47,7 +47,8 @@ def separate_branches(block: FastACBlock, x: torch.Tensor) -> torch.Tensor:
         crop = tuple(slice(c, size - c) for c, size in zip(geo.crop, x.shape[2:]))
         conv = nn.Conv2d(block.in_channels, block.out_channels, geo.kernel, block.stride, geo.padding, block.dilation,
                          block.groups, False, block.padding_mode, dtype=x.dtype)  # fmt: skip
-        out = out + torch.func.functional_call(conv, {"weight": weight * scale.reshape(-1, 1, 1, 1)}, (x[(..., *crop)],))
+        scaled = {"weight": weight * scale.reshape(-1, 1, 1, 1)}
+        out = out + torch.func.functional_call(conv, scaled, (x[(..., *crop)],))
     return out
 
 
