@@ -79,8 +79,10 @@ class FastACBlock(nn.Module):
 
     def composed_weight(self) -> Tensor:
         """The KxK kernel this block runs (differentiable in every weight and scale)."""
-        return _ComposedKernel.apply(
-            self.weight, self.weight_hor, self.weight_ver, self.scale_square, self.scale_hor, self.scale_ver
+        return (
+            _scaled(self.weight, self.scale_square)
+            + _at_centre(_scaled(self.weight_hor, self.scale_hor), self.kernel_size)
+            + _at_centre(_scaled(self.weight_ver, self.scale_ver), self.kernel_size)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -129,38 +131,10 @@ class FastACBlock(nn.Module):
 
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
     """``weight`` with each output channel multiplied by its entry of ``scale``."""
-    return weight * _column(scale)
+    return weight * scale.reshape(-1, 1, 1, 1)
 
 
-class _ComposedKernel(torch.autograd.Function):
-    """``scale_square * W + scale_hor * W_hor + scale_ver * W_ver``, each added where it sits in the KxK kernel.
-
-    Written out (one multiply and two small in-place adds forward; one multiply and one
-    contraction per branch backward) because autograd's version through zero-padded copies
-    costs several passes over every kernel per step.  The backward is made of differentiable
-    operations, so higher-order gradients still work.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, weight_hor, weight_ver, scale_square, scale_hor, scale_ver):
-        ctx.save_for_backward(weight, weight_hor, weight_ver, scale_square, scale_hor, scale_ver)
-        kernel = _scaled(weight, scale_square)
-        for w, scale in ((weight_hor, scale_hor), (weight_ver, scale_ver)):
-            kernel[(..., *centre_slices(w.shape[2:], weight.shape[2:]))].addcmul_(w, _column(scale))
-        return kernel
-
-    @staticmethod
-    def backward(ctx, grad):
-        weights, scales = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
-        grads_w, grads_s = [], []
-        for i, (w, scale) in enumerate(zip(weights, scales)):
-            where = centre_slices(w.shape[2:], grad.shape[2:])
-            g = grad[(..., *where)].contiguous()  # copies the row and the column: einsum is slow on strided views
-            grads_w.append(_scaled(g, scale) if ctx.needs_input_grad[i] else None)
-            grads_s.append(torch.einsum("oikl,oikl->o", g, w) if ctx.needs_input_grad[3 + i] else None)
-        return (*grads_w, *grads_s)
-
-
-def _column(scale: Tensor) -> Tensor:
-    """A per-output-channel vector shaped to broadcast over a conv kernel."""
-    return scale.reshape(-1, 1, 1, 1)
+def _at_centre(weight: Tensor, spatial: tuple[int, int]) -> Tensor:
+    """``weight`` zero-padded so that it sits at the centre of a ``spatial`` kernel (differentiable)."""
+    rows, columns = centre_slices(weight.shape[2:], spatial)
+    return F.pad(weight, (columns.start, spatial[1] - columns.stop, rows.start, spatial[0] - rows.stop))

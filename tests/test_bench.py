@@ -73,7 +73,7 @@ def test_candidates_and_conversion_sections_are_complete(smoke):
     result, _, _ = smoke
     assert [r["candidate"] for r in result["candidates"]] == list(bench.CANDIDATES)
     timed_alone = [r["candidate"] for r in result["candidates"] if r.get("composition_ms", 0) > 0]
-    assert timed_alone == ["fast, as shipped", "fast, composed through autograd"]
+    assert timed_alone == ["fast, as shipped", "fast, hand-written composition"]
     assert {(r["mode"], r["inplace"]) for r in result["convert"]["resnet50"]} == {
         (m, i) for m in ("exact", "fast") for i in (False, True)
     }
@@ -102,7 +102,7 @@ def small_net():
 @pytest.mark.parametrize(
     "mode, candidate",
     [("exact", bench._sum_out_of_place), ("exact", bench._joint_asymmetric), ("exact", bench._custom_batch_norm_sum),
-     ("fast", bench._fast_through_autograd)],  # fmt: skip
+     ("fast", bench._fast_hand_written)],  # fmt: skip
 )
 def test_every_candidate_computes_what_the_shipped_block_computes(mode, candidate):
     shipped = acify(small_net(), init="scratch", mode=mode).train()
