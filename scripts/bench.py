@@ -713,8 +713,8 @@ def _candidates_md(rows: list[dict], m: dict) -> list[str]:
         "function, gradients and BatchNorm statistics as the shipped block (checked in float64 by "
         "`tests/test_bench.py`); it is kept only if it is faster.",
         "",
-        "The last column times the kernel composition of fast mode alone (forward and backward for every converted "
-        "conv, CPU time per step, median), where it is measured with far less noise than within a whole step.",
+        "The last column times fast mode's kernel composition alone (forward and backward for every converted conv, "
+        "CPU time per step, median), after the training steps.",
         "",
         "| candidate | what | step ratio | CPU time ratio | kept | composition alone (ms) |",
         "|---|---|---|---|---|---|",
