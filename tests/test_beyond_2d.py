@@ -51,7 +51,7 @@ def conv3d_configs(draw):
 
 @pytest.mark.parametrize("layout", ["lines", "planes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(case=conv3d_configs())
 def test_conv3d_blocks_deploy_exactly(case, dtype, layout):
     options, size, with_bn = case
@@ -72,7 +72,7 @@ def transposed_configs(draw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=100, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(case=transposed_configs())
 def test_transposed_blocks_deploy_exactly(case, dtype):
     options, with_bn = case
