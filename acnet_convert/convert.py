@@ -92,9 +92,10 @@ def acify(
     setattr(model, PLAN_ATTR, report)
     untraced = [s.name for s in report.skipped if "example_inputs" in s.reason]
     if untraced:
+        first = next(iter(report.trace_failures)) or "<root>"
         warnings.warn(
-            f"torch.fx could not trace {len(report.trace_failures)} module(s) "
-            f"(first: {next(iter(report.trace_failures))!r}); {len(untraced)} conv(s) there were left unconverted: "
+            f"torch.fx could not trace {len(report.trace_failures)} module(s) (first: {first}); "
+            f"{len(untraced)} conv(s) there were left unconverted: "
             f"pass example_inputs=... to acify to analyse them, see model.{PLAN_ATTR}",
             stacklevel=2,
         )

@@ -124,7 +124,7 @@ def analyze(
             why_not = _why_not_eligible(name, module, aliases, flows, include, exclude, min_kernel, max_kernel)
             flow = traced if name in traced.covered else probed
             if not why_not and name not in flow.covered:
-                why_not = _not_provably_called_only(model, name, plan.trace_failures)
+                why_not = _not_provably_called_only(model, name)
             if why_not:
                 site.action, site.reason = "skip", why_not
             elif name not in flow.covered:
@@ -163,7 +163,7 @@ def _trace_region(module: nn.Module, prefix: str, flow: Flow, failures: dict[str
                 module.train(training)
                 graphs.append(_Tracer().trace(module))
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
-        failures[prefix] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        failures[prefix.rstrip(".")] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
         for child_name, child in module.named_children():
             _trace_region(child, f"{prefix}{child_name}.", flow, failures)
         return
@@ -307,7 +307,7 @@ def _bn_problem(bn_name, bn, conv, aliases, flow, claimed, conv_name) -> str:
     return ""
 
 
-def _not_provably_called_only(model: nn.Module, name: str, failures: dict[str, str]) -> str:
+def _not_provably_called_only(model: nn.Module, name: str) -> str:
     """'' when the untraceable code around conv ``name`` provably uses it only by calling it, else why not.
 
     Reads the source of every enclosing module: the conv's attribute may appear (outside
