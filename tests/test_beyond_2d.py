@@ -76,8 +76,15 @@ def transposed_configs(draw):
 @given(case=transposed_configs())
 def test_transposed_blocks_deploy_exactly(case, dtype):
     options, with_bn = case
+    size = (5, 6)
+    # Keep the output non-empty, as nn.ConvTranspose2d itself requires: 2p <= (n-1)s + d(k-1) + output_padding.
+    options["padding"] = tuple(
+        min(p, ((n - 1) * s + d * (k - 1) + op) // 2)
+        for p, n, s, d, k, op in zip(options["padding"], size, options["stride"], options["dilation"],
+                                     options["kernel_size"], options["output_padding"])
+    )  # fmt: skip
     layers = [nn.ConvTranspose2d(4, 8, **options, dtype=dtype)] + ([nn.BatchNorm2d(8, dtype=dtype)] if with_bn else [])
-    assert_exact(nn.Sequential(*layers), torch.randn(2, 4, 5, 6, dtype=dtype), dtype)
+    assert_exact(nn.Sequential(*layers), torch.randn(2, 4, *size, dtype=dtype), dtype)
 
 
 def test_3d_branch_layouts_and_report():
