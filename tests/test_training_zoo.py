@@ -40,5 +40,5 @@ def test_preserve_init_keeps_the_eval_output_of_every_torchvision_classifier(nam
     converted = acified.acnet_plan.converted
     assert sum(isinstance(m, ACBlock) for m in acified.modules()) == len(converted)
     assert torch.isfinite(want).all()
-    # The bound, relative to max(1, max|want|); the new branches contribute exact zeros, so it holds in float32.
+    # Bound relative to max(1, max|want|); the new branches contribute exact zeros, so it holds in float32.
     assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
