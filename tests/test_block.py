@@ -69,7 +69,7 @@ def test_deploy_equals_acified_eval_output(cfg, dtype):
     with torch.no_grad():
         want, got = acified(x), deployed(x)
     assert isinstance(deployed[0], nn.Conv2d) and deployed[0].bias is not None
-    bound = (1e-5 if dtype == torch.float32 else 1e-10) * max(1.0, want.abs().max().item())  # relative to max(1, max|y|)
+    bound = (1e-5 if dtype == torch.float32 else 1e-10) * max(1.0, want.abs().max().item())  # relative bound
     assert (want - got).abs().max().item() <= bound
 
 
