@@ -79,18 +79,18 @@ class FastACBlock(nn.Module):
 
     def composed_weight(self) -> Tensor:
         """The KxK kernel this block runs (differentiable in every weight and scale)."""
-        return (
-            _scaled(self.weight, self.scale_square)
-            + _at_centre(_scaled(self.weight_hor, self.scale_hor), self.kernel_size)
-            + _at_centre(_scaled(self.weight_ver, self.scale_ver), self.kernel_size)
-        )
+        return compose_kernel(self._kernels_and_scales())
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.composed_weight()
+        padding = self.padding
         if self.padding_mode != "zeros":  # as nn.Conv2d does it
-            x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
-            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            x, padding = F.pad(x, self._explicit_padding, mode=self.padding_mode), (0, 0)
+        padding = resolve_padding(padding, self.kernel_size, self.dilation)
+        geometry = (list(self.stride), list(padding), list(self.dilation), self.groups)
+        return _ComposedConv.apply(x, self.bias, geometry, *self._kernels_and_scales())
+
+    def _kernels_and_scales(self) -> tuple[Tensor, ...]:
+        return (self.weight, self.weight_hor, self.weight_ver, self.scale_square, self.scale_hor, self.scale_ver)
 
     def fused_kernel(self) -> Kernel:
         """The composed kernel and the conv's bias (zeros without one), in float64."""
@@ -129,12 +129,64 @@ class FastACBlock(nn.Module):
         )
 
 
+def compose_kernel(kernels_and_scales: tuple[Tensor, ...]) -> Tensor:
+    """``scale_square * weight`` with the scaled 1xK and Kx1 kernels added at its centre row and column.
+
+    ``kernels_and_scales`` is ``(weight, weight_hor, weight_ver, scale_square, scale_hor, scale_ver)``.
+    """
+    weight, *others = kernels_and_scales[:3]
+    scales = kernels_and_scales[3:]
+    kernel = _scaled(weight, scales[0])
+    for small, scale in zip(others, scales[1:]):
+        kernel[(..., *centre_slices(small.shape[2:], weight.shape[2:]))].addcmul_(small, scale.reshape(-1, 1, 1, 1))
+    return kernel
+
+
+class _ComposedConv(torch.autograd.Function):
+    """``conv2d(x, compose_kernel(...), bias)`` that recomputes the composed kernel in backward.
+
+    Keeping the kernel for backward would cost one kernel-sized tensor per block for the whole step;
+    composing it again is a pass over the kernels.  Backward is written with differentiable
+    operations, so double backward works.  Under autocast the conv runs in the dtype of its output,
+    in backward as in forward.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, bias: Tensor | None, geometry: tuple, *kernels_and_scales: Tensor) -> Tensor:
+        stride, padding, dilation, groups = geometry
+        return F.conv2d(x, compose_kernel(kernels_and_scales), bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        x, bias, ctx.geometry, *kernels_and_scales = inputs
+        ctx.save_for_backward(x, bias, *kernels_and_scales)
+        ctx.compute_dtype = output.dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, bias, *kernels_and_scales = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        dtype = ctx.compute_dtype
+        kernel = compose_kernel(kernels_and_scales).to(dtype)
+        mask = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:]), bias is not None and ctx.needs_input_grad[1]]
+        grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
+            grad.to(dtype), x.to(dtype), kernel, None if bias is None else [bias.shape[0]],
+            stride, padding, dilation, False, [0, 0], groups, mask,
+        )  # fmt: skip
+        grad_x = grad_x.to(x.dtype) if mask[0] else None
+        grad_bias = grad_bias.to(bias.dtype) if mask[2] else None
+        if not mask[1]:
+            return grad_x, grad_bias, None, *([None] * 6)
+        grad_kernel = grad_kernel.to(kernels_and_scales[0].dtype)
+        weights, scales = kernels_and_scales[:3], kernels_and_scales[3:]
+        grad_weights, grad_scales = [], []
+        for weight, scale in zip(weights, scales):
+            g = grad_kernel[(..., *centre_slices(weight.shape[2:], grad_kernel.shape[2:]))]
+            grad_weights.append(_scaled(g, scale))
+            grad_scales.append((g * weight).sum((1, 2, 3)))
+        return grad_x, grad_bias, None, *grad_weights, *grad_scales
+
+
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
     """``weight`` with each output channel multiplied by its entry of ``scale``."""
     return weight * scale.reshape(-1, 1, 1, 1)
-
-
-def _at_centre(weight: Tensor, spatial: tuple[int, int]) -> Tensor:
-    """``weight`` zero-padded so that it sits at the centre of a ``spatial`` kernel (differentiable)."""
-    rows, columns = centre_slices(weight.shape[2:], spatial)
-    return F.pad(weight, (columns.start, spatial[1] - columns.stop, rows.start, spatial[0] - rows.stop))

@@ -64,6 +64,42 @@ def test_composed_kernel_equals_the_three_scaled_branches_run_separately(case):
     assert (want - got).abs().max().item() <= 1e-12 * max(1.0, want.abs().max().item())  # float64 rounding only
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(case=conv_configs(), input_grad=st.booleans())
+def test_gradients_equal_autograd_through_the_plain_composition(case, input_grad):
+    conv, x = case
+    block = FastACBlock.from_conv(conv, init="scratch")
+    randomize_scales(block)
+    x.requires_grad_(input_grad)
+    params = [p for p in block.parameters()]
+
+    def plain(x):  # the composed kernel kept for backward, as autograd does it
+        if block.padding_mode != "zeros":
+            x = F.pad(x, block._explicit_padding, mode=block.padding_mode)
+            return F.conv2d(x, block.composed_weight(), block.bias, block.stride, 0, block.dilation, block.groups)
+        return F.conv2d(x, block.composed_weight(), block.bias, block.stride, block.padding, block.dilation,
+                        block.groups)  # fmt: skip
+
+    inputs = params + ([x] if input_grad else [])
+    grad_out = torch.randn_like(block(x))
+    want = torch.autograd.grad(plain(x), inputs, grad_out)
+    got = torch.autograd.grad(block(x), inputs, grad_out)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() <= 1e-12 * max(1.0, w.abs().max().item())  # float64 rounding only
+
+
+def test_the_composed_kernel_is_not_kept_for_backward():
+    block = FastACBlock.from_conv(nn.Conv2d(8, 16, 3, padding=1), init="scratch")
+    x = torch.randn(2, 8, 6, 6)
+    params = {p.data_ptr() for p in block.parameters()}
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        block(x).sum().backward()
+    others = [t for t in kept if t.data_ptr() not in params and t.data_ptr() != x.data_ptr()]
+    assert others == [], [tuple(t.shape) for t in others]  # only the input and the parameters themselves
+    assert block.scale_hor.grad is not None and block.weight_ver.grad is not None
+
+
 def test_composed_kernel_is_differentiable_to_second_order():
     conv = nn.Conv2d(1, 2, (3, 5), padding=1, bias=True, dtype=torch.float64)
     block = FastACBlock.from_conv(conv, init="scratch")

@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
-from acnet_convert import ACBlock, ACNetError, acify, deploy, verify
+from acnet_convert import ACBlock, ACNetError, FastACBlock, acify, deploy, verify
 from acnet_convert.models import SmallCNN
 from acnet_convert.training import ACNetTraining, acnet_model, save_weights
 
@@ -198,8 +198,9 @@ def test_small_cnn_learns_digits_and_the_deployed_model_predicts_the_same(init):
     assert verify(model, deployed, x_test, rtol=1e-5).relative <= 1e-5
 
 
-def test_bfloat16_autocast_training_and_deploy_from_full_precision_weights():
-    model = acify(tiny_cnn(), init="scratch")
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_bfloat16_autocast_training_and_deploy_from_full_precision_weights(mode):
+    model = acify(tiny_cnn(), init="scratch", mode=mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(16, 3, 12, 12), torch.randint(0, 4, (16,))
     losses = []
@@ -217,11 +218,14 @@ def test_bfloat16_autocast_training_and_deploy_from_full_precision_weights():
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         deployed = deploy(model)
-    for name, block in [(n, m) for n, m in model.named_modules() if isinstance(m, ACBlock)]:
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, (ACBlock, FastACBlock))]
+    assert blocks
+    for name, block in blocks:
         weight, bias = block.fused_kernel()  # float64, from the float32 master weights
         conv = deployed.get_submodule(name)
         assert conv.weight.dtype == torch.float32 and conv.weight.device == x.device
-        assert torch.equal(conv.weight, weight.float()) and torch.equal(conv.bias, bias.float())
+        assert torch.equal(conv.weight, weight.float())
+        assert conv.bias is None or torch.equal(conv.bias, bias.float())
     assert verify(model, deployed, x, rtol=1e-5).relative <= 1e-5  # float32 forward rounding only
 
 

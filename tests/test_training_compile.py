@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -9,8 +10,9 @@ from acnet_convert import acify, deploy
 from acnet_convert.models import SmallCNN
 
 
-def test_compiled_acified_model_trains_like_eager_and_deployed_model_compiles():
-    eager = acify(SmallCNN(in_channels=3, num_classes=4, width=4), init="scratch")
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_compiled_acified_model_trains_like_eager_and_deployed_model_compiles(mode):
+    eager = acify(SmallCNN(in_channels=3, num_classes=4, width=4), init="scratch", mode=mode)
     compiled_copy = copy.deepcopy(eager)
     compiled = torch.compile(compiled_copy, backend="inductor", fullgraph=True)  # no graph break: all of it compiles
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
