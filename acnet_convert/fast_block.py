@@ -142,6 +142,17 @@ def compose_kernel(kernels_and_scales: tuple[Tensor, ...]) -> Tensor:
     return kernel
 
 
+def compose_kernel_backward(grad_kernel: Tensor, kernels_and_scales: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The gradients of ``compose_kernel``'s inputs, in their order, given the gradient of its output."""
+    weights, scales = kernels_and_scales[:3], kernels_and_scales[3:]
+    grad_weights, grad_scales = [], []
+    for weight, scale in zip(weights, scales):
+        g = grad_kernel[(..., *centre_slices(weight.shape[2:], grad_kernel.shape[2:]))]
+        grad_weights.append(_scaled(g, scale))
+        grad_scales.append((g * weight).sum((1, 2, 3)))
+    return (*grad_weights, *grad_scales)
+
+
 class _ComposedConv(torch.autograd.Function):
     """``conv2d(x, compose_kernel(...), bias)`` that recomputes the composed kernel in backward.
 
@@ -177,14 +188,8 @@ class _ComposedConv(torch.autograd.Function):
         grad_bias = grad_bias.to(bias.dtype) if mask[2] else None
         if not mask[1]:
             return grad_x, grad_bias, None, *([None] * 6)
-        grad_kernel = grad_kernel.to(kernels_and_scales[0].dtype)
-        weights, scales = kernels_and_scales[:3], kernels_and_scales[3:]
-        grad_weights, grad_scales = [], []
-        for weight, scale in zip(weights, scales):
-            g = grad_kernel[(..., *centre_slices(weight.shape[2:], grad_kernel.shape[2:]))]
-            grad_weights.append(_scaled(g, scale))
-            grad_scales.append((g * weight).sum((1, 2, 3)))
-        return grad_x, grad_bias, None, *grad_weights, *grad_scales
+        grads = compose_kernel_backward(grad_kernel.to(kernels_and_scales[0].dtype), kernels_and_scales)
+        return grad_x, grad_bias, None, *grads
 
 
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:

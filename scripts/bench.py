@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive_acnet import naive_acify  # noqa: E402
 
 from acnet_convert import ACBlock, FastACBlock, acify, deploy, plan  # noqa: E402
-from acnet_convert.kernels import centre_slices  # noqa: E402
+from acnet_convert.fast_block import compose_kernel, compose_kernel_backward  # noqa: E402
 from acnet_convert.surgery import replace_module  # noqa: E402
 
 MiB = 2**20
@@ -65,6 +65,7 @@ FULL = Sizes(
     repeats=7, warmup=1, infer_models=["resnet18", "mobilenet_v2"], infer_batch=1, infer_size=224,
     infer_repeats=30, candidate_case=("resnet18", 32, 64), convert_repeats=5, chain=[25, 50, 100, 200], zoo=None,
 )  # fmt: skip
+FULL_CUDA = replace(FULL, repeats=25, warmup=3, infer_repeats=100)  # a GPU step is short: more rounds
 SMOKE = Sizes(
     train=[("resnet18", 2, 32), ("mobilenet_v2", 2, 32), ("resnet18", 2, 48)],
     repeats=2, warmup=1, infer_models=["resnet18"], infer_batch=1, infer_size=32, infer_repeats=2,
@@ -446,49 +447,31 @@ def _custom_batch_norm_sum(block: ACBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 class _HandWrittenComposition(torch.autograd.Function):
-    """FastACBlock's composed kernel with a hand-written backward: fewer passes over the kernels on paper."""
+    """FastACBlock's composed kernel as its own autograd function; the conv after it keeps the kernel."""
 
     @staticmethod
-    def forward(ctx, weight, weight_hor, weight_ver, scale_square, scale_hor, scale_ver):
-        ctx.save_for_backward(weight, weight_hor, weight_ver, scale_square, scale_hor, scale_ver)
-        kernel = weight * scale_square.reshape(-1, 1, 1, 1)
-        for w, scale in ((weight_hor, scale_hor), (weight_ver, scale_ver)):
-            kernel[(..., *centre_slices(w.shape[2:], weight.shape[2:]))].addcmul_(w, scale.reshape(-1, 1, 1, 1))
-        return kernel
+    def forward(ctx, *kernels_and_scales):
+        ctx.save_for_backward(*kernels_and_scales)
+        return compose_kernel(kernels_and_scales)
 
     @staticmethod
     def backward(ctx, grad):
-        weights, scales = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
-        grads_w, grads_s = [], []
-        for w, scale in zip(weights, scales):
-            g = grad[(..., *centre_slices(w.shape[2:], grad.shape[2:]))].contiguous()  # einsum is slow on views
-            grads_w.append(g * scale.reshape(-1, 1, 1, 1))
-            grads_s.append(torch.einsum("oikl,oikl->o", g, w))
-        return (*grads_w, *grads_s)
+        return compose_kernel_backward(grad, ctx.saved_tensors)
 
 
-def _kernel_hand_written(block: FastACBlock) -> torch.Tensor:
-    """The block's composed kernel through ``_HandWrittenComposition``."""
-    return _HandWrittenComposition.apply(
-        block.weight, block.weight_hor, block.weight_ver, block.scale_square, block.scale_hor, block.scale_ver
-    )
-
-
-def _fast_hand_written(block: FastACBlock, x: torch.Tensor) -> torch.Tensor:
-    """FastACBlock's forward with the hand-written composition (zero padding mode only)."""
-    kernel = _kernel_hand_written(block)
+def _fast_kernel_kept(block: FastACBlock, x: torch.Tensor) -> torch.Tensor:
+    """FastACBlock's forward with the composition as its own function and the kernel kept (zero padding only)."""
+    kernel = _HandWrittenComposition.apply(*block._kernels_and_scales())
     return F.conv2d(x, kernel, block.bias, block.stride, block.padding, block.dilation, block.groups)
 
 
-def _composition(blocks: list[FastACBlock], compose: Callable[[FastACBlock], torch.Tensor]) -> Callable[[], None]:
-    """Forward and backward of every block's composed kernel alone, as a closure."""
-    params = [p for block in blocks for p in block.parameters() if p is not block.bias]
-
-    def run() -> None:
-        kernels = [compose(block) for block in blocks]
-        torch.autograd.grad(kernels, params, [torch.ones_like(k) for k in kernels])
-
-    return run
+def _fast_padded(block: FastACBlock, x: torch.Tensor) -> torch.Tensor:
+    """FastACBlock's first forward: scaled kernels zero-padded by ``F.pad`` and summed, autograd throughout."""
+    weight, weight_hor, weight_ver, *scales = block._kernels_and_scales()
+    kernel = weight * scales[0].reshape(-1, 1, 1, 1)
+    for small, scale in ((weight_hor, scales[1]), (weight_ver, scales[2])):
+        kernel = kernel + _padded(small * scale.reshape(-1, 1, 1, 1), block.kernel_size)
+    return F.conv2d(x, kernel, block.bias, block.stride, block.padding, block.dilation, block.groups)
 
 
 @contextmanager
@@ -507,11 +490,13 @@ CANDIDATES = {
     "exact, custom BN + sum": ("the three BatchNorms and the sum as one autograd function", "original", False),
     "exact, channels_last": ("model and input in channels_last", "original, channels_last", False),
     "exact, oneDNN off": ("`torch.backends.mkldnn` disabled", "original, oneDNN off", False),
-    "fast, as shipped": ("`FastACBlock`: scaled kernels zero-padded with `F.pad` and summed, autograd "
-                         "differentiates", "original", True),  # fmt: skip
-    "fast, hand-written composition": ("one autograd function: a multiply and two in-place row and column adds "
-                                       "forward, a multiply and a contraction per branch backward", "original",
-                                       False),  # fmt: skip
+    "fast, as shipped": ("`FastACBlock`: one autograd function for composition and conv; the kernel is composed "
+                         "by a multiply and in-place row and column adds, and composed again in backward instead "
+                         "of being kept", "original", True),  # fmt: skip
+    "fast, kernel kept": ("the same composition as its own autograd function, then `F.conv2d`, which keeps the "
+                          "composed kernel for backward", "original", False),  # fmt: skip
+    "fast, `F.pad` composition": ("scaled kernels zero-padded with `F.pad` and summed, autograd throughout "
+                                  "(the kernel kept)", "original", False),  # fmt: skip
 }
 
 
@@ -535,7 +520,8 @@ def bench_candidates(sizes: Sizes, device: torch.device) -> list[dict]:
         "original, oneDNN off": copy.deepcopy(base),
         "exact, oneDNN off": copy.deepcopy(exact),
         "fast, as shipped": fast,
-        "fast, hand-written composition": _with_forward(fast, _fast_hand_written),
+        "fast, kernel kept": _with_forward(fast, _fast_kernel_kept),
+        "fast, `F.pad` composition": _with_forward(fast, _fast_padded),
     }
     if device.type != "cpu":
         models = {k: m for k, m in models.items() if "oneDNN" not in k}
@@ -544,22 +530,15 @@ def bench_candidates(sizes: Sizes, device: torch.device) -> list[dict]:
         context = _onednn_off if "oneDNN" in key else nullcontext
         steps[key] = TrainStep(model, x_last if "channels_last" in key else x, y, context)
     timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
+    memory = {key: peak_training_memory(step)["peak_bytes"] for key, step in steps.items()}
     rows = []
     for candidate, (what, reference, kept) in CANDIDATES.items():
         if candidate in timings:
             t, ref = timings[candidate], timings[reference]
             rows.append({"candidate": candidate, "what": what, "kept": kept, "model": name, "batch": batch,
                          "side": side, "wall_ratio": t.wall_ms / ref.wall_ms, "cpu_ratio": t.cpu_ms / ref.cpu_ms,
-                         "wall_ms": t.wall_ms, "reference_wall_ms": ref.wall_ms})  # fmt: skip
-    blocks = [m for m in fast.modules() if isinstance(m, FastACBlock)]
-    compositions = {
-        "fast, as shipped": _composition(blocks, FastACBlock.composed_weight),
-        "fast, hand-written composition": _composition(blocks, _kernel_hand_written),
-    }
-    composition = interleaved(compositions, 3 * sizes.repeats, sizes.warmup, device)
-    for row in rows:
-        if row["candidate"] in composition:
-            row["composition_ms"] = composition[row["candidate"]].cpu_ms
+                         "wall_ms": t.wall_ms, "reference_wall_ms": ref.wall_ms,
+                         "memory_ratio": memory[candidate] / memory[reference]})  # fmt: skip
     return rows
 
 
@@ -713,16 +692,14 @@ def _candidates_md(rows: list[dict], m: dict) -> list[str]:
         "function, gradients and BatchNorm statistics as the shipped block (checked in float64 by "
         "`tests/test_bench.py`); it is kept only if it is faster.",
         "",
-        "The last column times fast mode's kernel composition alone (forward and backward for every converted conv, "
-        "CPU time per step, median), after the training steps.",
+        "The memory ratio is the training memory of the training table, against the same original.",
         "",
-        "| candidate | what | step ratio | CPU time ratio | kept | composition alone (ms) |",
+        "| candidate | what | step ratio | CPU time ratio | memory ratio | kept |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        composition = f"{r['composition_ms']:.1f}" if "composition_ms" in r else ""
         lines.append(f"| {r['candidate']} | {r['what']} | {r['wall_ratio']:.2f}x | {r['cpu_ratio']:.2f}x | "
-                     f"{'yes' if r['kept'] else 'no'} | {composition} |")  # fmt: skip
+                     f"{r['memory_ratio']:.2f}x | {'yes' if r['kept'] else 'no'} |")  # fmt: skip
     return lines + ["", *NOTES]
 
 
@@ -805,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(sections, SMOKE if args.smoke else FULL, torch.device(args.device))
+    device = torch.device(args.device)
+    result = run(sections, SMOKE if args.smoke else FULL_CUDA if device.type == "cuda" else FULL, device)
     result["command"] = shlex.join(["python", "scripts/bench.py", *argv])
     text = markdown(result)
     print(text)

@@ -54,10 +54,8 @@ def test_training_table_has_every_variant_with_consistent_ratios(smoke):
         assert rows["naive"]["params"] == rows["exact"]["params"]
         assert rows["naive"]["forward_flops"] == rows["exact"]["forward_flops"] > rows["original"]["forward_flops"]
         assert rows["fast"]["forward_flops"] == rows["original"]["forward_flops"]
-        # the CPU memory account: fast mode saves exactly one composed kernel per converted conv, exact mode more
-        model = torchvision.models.get_model(case[0])
-        kernels = sum(model.get_submodule(s.name).weight.nbytes for s in acify(model).acnet_plan.converted)
-        assert rows["fast"]["activation_bytes"] - rows["original"]["activation_bytes"] == kernels
+        # the CPU memory account: fast mode keeps what the original keeps for backward, exact mode more
+        assert rows["fast"]["activation_bytes"] == rows["original"]["activation_bytes"]
         assert rows["exact"]["activation_bytes"] > rows["original"]["activation_bytes"]
 
 
@@ -72,8 +70,7 @@ def test_deployed_models_have_the_parameter_count_of_the_folded_original(smoke):
 def test_candidates_and_conversion_sections_are_complete(smoke):
     result, _, _ = smoke
     assert [r["candidate"] for r in result["candidates"]] == list(bench.CANDIDATES)
-    timed_alone = [r["candidate"] for r in result["candidates"] if r.get("composition_ms", 0) > 0]
-    assert timed_alone == ["fast, as shipped", "fast, hand-written composition"]
+    assert all(r["memory_ratio"] > 0 and r["wall_ratio"] > 0 for r in result["candidates"])
     assert {(r["mode"], r["inplace"]) for r in result["convert"]["resnet50"]} == {
         (m, i) for m in ("exact", "fast") for i in (False, True)
     }
@@ -102,7 +99,7 @@ def small_net():
 @pytest.mark.parametrize(
     "mode, candidate",
     [("exact", bench._sum_out_of_place), ("exact", bench._joint_asymmetric), ("exact", bench._custom_batch_norm_sum),
-     ("fast", bench._fast_hand_written)],  # fmt: skip
+     ("fast", bench._fast_kernel_kept), ("fast", bench._fast_padded)],  # fmt: skip
 )
 def test_every_candidate_computes_what_the_shipped_block_computes(mode, candidate):
     shipped = acify(small_net(), init="scratch", mode=mode).train()
