@@ -20,10 +20,12 @@ class NaiveACBlock(nn.Module):
         super().__init__()
         (kh, kw), (ph, pw), (dh, dw) = conv.kernel_size, conv.padding, conv.dilation
         self.square, self.square_bn = conv, bn
-        options = {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups, "bias": False}
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        options = {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups, "bias": False, **factory}
         self.hor = nn.Conv2d(conv.in_channels, conv.out_channels, (1, kw), padding=(ph - dh * (kh // 2), pw), **options)
         self.ver = nn.Conv2d(conv.in_channels, conv.out_channels, (kh, 1), padding=(ph, pw - dw * (kw // 2)), **options)
-        self.hor_bn, self.ver_bn = nn.BatchNorm2d(conv.out_channels), nn.BatchNorm2d(conv.out_channels)
+        self.hor_bn = nn.BatchNorm2d(conv.out_channels, **factory)
+        self.ver_bn = nn.BatchNorm2d(conv.out_channels, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.square_bn(self.square(x)) + self.hor_bn(self.hor(x)) + self.ver_bn(self.ver(x))
