@@ -67,6 +67,8 @@ class FastACBlock(nn.Module):
         self.padding, self.groups, self.padding_mode = conv.padding, conv.groups, conv.padding_mode
         pad_h, pad_w = resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
         self._explicit_padding = (pad_w, pad_w, pad_h, pad_h)  # F.pad order, used when padding_mode != "zeros"
+        conv_padding = [pad_h, pad_w] if conv.padding_mode == "zeros" else [0, 0]  # else F.pad pads first
+        self._geometry = (list(conv.stride), conv_padding, list(conv.dilation), conv.groups)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
@@ -82,12 +84,9 @@ class FastACBlock(nn.Module):
         return compose_kernel(self._kernels_and_scales())
 
     def forward(self, x: Tensor) -> Tensor:
-        padding = self.padding
         if self.padding_mode != "zeros":  # as nn.Conv2d does it
-            x, padding = F.pad(x, self._explicit_padding, mode=self.padding_mode), (0, 0)
-        padding = resolve_padding(padding, self.kernel_size, self.dilation)
-        geometry = (list(self.stride), list(padding), list(self.dilation), self.groups)
-        return _ComposedConv.apply(x, self.bias, geometry, *self._kernels_and_scales())
+            x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
+        return _ComposedConv.apply(x, self.bias, self._geometry, *self._kernels_and_scales())
 
     def _kernels_and_scales(self) -> tuple[Tensor, ...]:
         return (self.weight, self.weight_hor, self.weight_ver, self.scale_square, self.scale_hor, self.scale_ver)
@@ -138,7 +137,7 @@ def compose_kernel(kernels_and_scales: tuple[Tensor, ...]) -> Tensor:
     scales = kernels_and_scales[3:]
     kernel = _scaled(weight, scales[0])
     for small, scale in zip(others, scales[1:]):
-        kernel[(..., *centre_slices(small.shape[2:], weight.shape[2:]))].addcmul_(small, scale.reshape(-1, 1, 1, 1))
+        kernel[_centre(small.shape, weight.shape)].addcmul_(small, scale.reshape(-1, 1, 1, 1))
     return kernel
 
 
@@ -147,7 +146,7 @@ def compose_kernel_backward(grad_kernel: Tensor, kernels_and_scales: tuple[Tenso
     weights, scales = kernels_and_scales[:3], kernels_and_scales[3:]
     grad_weights, grad_scales = [], []
     for weight, scale in zip(weights, scales):
-        g = grad_kernel[(..., *centre_slices(weight.shape[2:], grad_kernel.shape[2:]))]
+        g = grad_kernel[_centre(weight.shape, grad_kernel.shape)]
         grad_weights.append(_scaled(g, scale))
         grad_scales.append((g * weight).sum((1, 2, 3)))
     return (*grad_weights, *grad_scales)
@@ -177,19 +176,29 @@ class _ComposedConv(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, bias, *kernels_and_scales = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        dtype = ctx.compute_dtype
-        kernel = compose_kernel(kernels_and_scales).to(dtype)
+        dtype, master = ctx.compute_dtype, kernels_and_scales[0].dtype
+        kernel = compose_kernel(kernels_and_scales)
+        if dtype != master:  # autocast: the conv ran on cast copies
+            kernel, x_cast = kernel.to(dtype), x.to(dtype)
+        else:
+            x_cast = x
         mask = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:]), bias is not None and ctx.needs_input_grad[1]]
         grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
-            grad.to(dtype), x.to(dtype), kernel, None if bias is None else [bias.shape[0]],
+            grad, x_cast, kernel, None if bias is None else [bias.shape[0]],
             stride, padding, dilation, False, [0, 0], groups, mask,
         )  # fmt: skip
-        grad_x = grad_x.to(x.dtype) if mask[0] else None
-        grad_bias = grad_bias.to(bias.dtype) if mask[2] else None
-        if not mask[1]:
+        if dtype != master:
+            grad_x = grad_x if grad_x is None else grad_x.to(x.dtype)
+            grad_bias = grad_bias if grad_bias is None else grad_bias.to(bias.dtype)
+            grad_kernel = grad_kernel if grad_kernel is None else grad_kernel.to(master)
+        if grad_kernel is None:
             return grad_x, grad_bias, None, *([None] * 6)
-        grads = compose_kernel_backward(grad_kernel.to(kernels_and_scales[0].dtype), kernels_and_scales)
-        return grad_x, grad_bias, None, *grads
+        return grad_x, grad_bias, None, *compose_kernel_backward(grad_kernel, kernels_and_scales)
+
+
+def _centre(small: torch.Size, full: torch.Size) -> tuple:
+    """The index of a kernel of shape ``small`` at the centre of one of shape ``full``."""
+    return (..., *centre_slices(small[2:], full[2:]))
 
 
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:

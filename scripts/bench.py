@@ -45,7 +45,7 @@ SECTIONS = ("train", "inference", "candidates", "convert")
 
 @dataclass
 class Sizes:
-    """Everything that differs between the full-size run and the smoke run."""
+    """What to measure and how much: the full-size run, the smoke run, or either with overrides."""
 
     train: list[tuple[str, int, int]]  # (torchvision model, batch, input side)
     repeats: int
@@ -58,6 +58,7 @@ class Sizes:
     convert_repeats: int
     chain: list[int]
     zoo: list[str] | None  # None: every torchvision classification model
+    compile: bool = False  # torch.compile every model of the training section
 
 
 FULL = Sizes(
@@ -227,13 +228,14 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
         x = torch.randn(batch, 3, side, side, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         models = training_variants(base)
-        steps = {variant: TrainStep(model, x, y) for variant, model in models.items()}
+        steps = {v: TrainStep(torch.compile(m) if sizes.compile else m, x, y) for v, m in models.items()}
         timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
         flops = {variant: forward_flops(model, x) for variant, model in models.items()}
         for variant, model in models.items():
             memory = peak_training_memory(steps[variant])
             rows.append({"model": name, "batch": batch, "side": side, "variant": variant, **asdict(timings[variant]),
-                         **memory, "forward_flops": flops[variant], "params": n_params(model)})  # fmt: skip
+                         **memory, "forward_flops": flops[variant], "params": n_params(model),
+                         "compiled": sizes.compile})  # fmt: skip
         _add_ratios(rows[-len(models) :], ("wall_ms", "cpu_ms", "peak_bytes", "forward_flops"))
         del base, models, steps
         gc.collect()
@@ -644,7 +646,8 @@ def _train_md(rows: list[dict], m: dict) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['batch']}, {r['side']}x{r['side']} | {VARIANT_NAMES[r['variant']]} | "
+            f"| {r['model']} | {r['batch']}, {r['side']}x{r['side']} | {VARIANT_NAMES[r['variant']]}"
+            f"{', compiled' if r.get('compiled') else ''} | "
             f"{r['wall_ms']:.1f} | {r['wall_ms_ratio']:.2f}x | {r['cpu_ms_ratio']:.2f}x | "
             f"{r['peak_bytes'] / MiB:.1f} | {r['peak_bytes_ratio']:.2f}x | {r['forward_flops_ratio']:.2f} |"
         )
@@ -765,6 +768,15 @@ def _convert_md(conv: dict, m: dict) -> list[str]:
     return lines
 
 
+def _training_case(text: str) -> tuple[str, int, int]:
+    """``resnet18:32:64`` -> ("resnet18", 32, 64)."""
+    try:
+        name, batch, side = text.split(":")
+        return name, int(batch), int(side)
+    except ValueError:
+        raise SystemExit(f"bench.py: bad --train case {text!r}: write MODEL:BATCH:SIDE, e.g. resnet18:32:64") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: measure, print the tables, write markdown and JSON when asked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -772,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--train", help="training cases as MODEL:BATCH:SIDE,... (default: the run's own)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model of the training section")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write every figure and sample here")
     argv = sys.argv[1:] if argv is None else argv
@@ -783,7 +797,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    result = run(sections, SMOKE if args.smoke else FULL_CUDA if device.type == "cuda" else FULL, device)
+    sizes = SMOKE if args.smoke else FULL_CUDA if device.type == "cuda" else FULL
+    if args.train:
+        sizes = replace(sizes, train=[_training_case(case) for case in args.train.split(",")])
+    sizes = replace(sizes, compile=args.compile)
+    result = run(sections, sizes, device)
     result["command"] = shlex.join(["python", "scripts/bench.py", *argv])
     text = markdown(result)
     print(text)
