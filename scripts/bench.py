@@ -58,7 +58,7 @@ class Sizes:
     convert_repeats: int
     chain: list[int]
     zoo: list[str] | None  # None: every torchvision classification model
-    compile: bool = False  # torch.compile every model of the training section
+    compile: str | None = None  # torch.compile mode for every model of the training section
 
 
 FULL = Sizes(
@@ -228,7 +228,8 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
         x = torch.randn(batch, 3, side, side, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         models = training_variants(base)
-        steps = {v: TrainStep(torch.compile(m) if sizes.compile else m, x, y) for v, m in models.items()}
+        steps = {v: TrainStep(torch.compile(m, mode=sizes.compile) if sizes.compile else m, x, y)
+                 for v, m in models.items()}  # fmt: skip
         timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
         flops = {variant: forward_flops(model, x) for variant, model in models.items()}
         for variant, model in models.items():
@@ -647,11 +648,18 @@ def _train_md(rows: list[dict], m: dict) -> list[str]:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['batch']}, {r['side']}x{r['side']} | {VARIANT_NAMES[r['variant']]}"
-            f"{', compiled' if r.get('compiled') else ''} | "
+            f"{_compiled(r.get('compiled'))} | "
             f"{r['wall_ms']:.1f} | {r['wall_ms_ratio']:.2f}x | {r['cpu_ms_ratio']:.2f}x | "
             f"{r['peak_bytes'] / MiB:.1f} | {r['peak_bytes_ratio']:.2f}x | {r['forward_flops_ratio']:.2f} |"
         )
     return lines
+
+
+def _compiled(mode: str | bool | None) -> str:
+    """How a training row's model was compiled, as a suffix of its variant name."""
+    if not mode:
+        return ""
+    return ", compiled" if mode in (True, "default") else f", compiled ({mode})"
 
 
 def _memory_definition(m: dict) -> str:
@@ -785,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--train", help="training cases as MODEL:BATCH:SIDE,... (default: the run's own)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model of the training section")
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        help="torch.compile every model of the training section (optionally: the compile mode)")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write every figure and sample here")
     argv = sys.argv[1:] if argv is None else argv
