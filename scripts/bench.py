@@ -1,9 +1,12 @@
 """Training cost, inference latency and conversion time of acnet-convert, side by side, as ratios.
 
-Full size, by hand (about 20 minutes of CPU time on one core; docs/benchmarks.md is written by it):
-    python scripts/bench.py --out docs/benchmarks.md --json docs/benchmarks.json
+Full size, by hand (about 20 minutes on two CPU cores):
+    python scripts/bench.py --threads 2 --json docs/benchmarks.json
+then the page, from every saved record (one per machine):
+    python scripts/bench.py --render docs/benchmarks.json docs/benchmarks-h100.json --out docs/benchmarks.md
 Smoke size, in the test suite (well under a minute):
     python scripts/bench.py --smoke
+On a CUDA machine the same command measures the GPU (more rounds: a step is short there).
 Variants are interleaved (the order rotates every round) and every figure is a median over rounds.
 ``main(argv)`` is the entry point for other front ends.
 """
@@ -389,6 +392,16 @@ def _joint_asymmetric(block: ACBlock, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _asymmetric_channels_last(block: ACBlock, x: torch.Tensor) -> torch.Tensor:
+    """The 1xK and Kx1 branches on a channels_last copy of the input (oneDNN runs thin kernels faster so)."""
+    square, hor, ver = block.branches.values()
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    out = square(x)
+    out += hor(x_last)
+    out += ver(x_last)
+    return out
+
+
 def _padded(weight: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
     (kh, kw), (h, w) = kernel, weight.shape[2:]
     return F.pad(weight, ((kw - w) // 2, (kw - w) // 2, (kh - h) // 2, (kh - h) // 2))
@@ -491,6 +504,8 @@ CANDIDATES = {
     "exact, joint 1xK + Kx1 conv": ("both asymmetric kernels zero-padded to KxK, one conv with 2C outputs and one "
                                     "BatchNorm call", "original", False),  # fmt: skip
     "exact, custom BN + sum": ("the three BatchNorms and the sum as one autograd function", "original", False),
+    "exact, asymmetric branches channels_last": ("inside the block, the 1xK and Kx1 convs run on a "
+                                                 "channels_last copy of the input", "original", False),  # fmt: skip
     "exact, channels_last": ("model and input in channels_last", "original, channels_last", False),
     "exact, oneDNN off": ("`torch.backends.mkldnn` disabled", "original, oneDNN off", False),
     "fast, as shipped": ("`FastACBlock`: one autograd function for composition and conv; the kernel is composed "
@@ -518,6 +533,7 @@ def bench_candidates(sizes: Sizes, device: torch.device) -> list[dict]:
         "exact, out-of-place sum": _with_forward(exact, _sum_out_of_place),
         "exact, joint 1xK + Kx1 conv": _with_forward(exact, _joint_asymmetric),
         "exact, custom BN + sum": _with_forward(exact, _custom_batch_norm_sum),
+        "exact, asymmetric branches channels_last": _with_forward(exact, _asymmetric_channels_last),
         "original, channels_last": copy.deepcopy(base).to(memory_format=torch.channels_last),
         "exact, channels_last": copy.deepcopy(exact).to(memory_format=torch.channels_last),
         "original, oneDNN off": copy.deepcopy(base),
@@ -595,29 +611,94 @@ def busy_note(result: dict) -> str:
     )
 
 
-def markdown(result: dict) -> str:
-    """The whole of docs/benchmarks.md."""
-    m = result["machine"]
+def merge_results(results: list[dict]) -> list[dict]:
+    """Results of several commands on one machine joined into one (sections concatenated), machine by machine."""
+    merged: dict[tuple, dict] = {}
+    for result in results:
+        m = result["machine"]
+        key = (m["cpu"], m["cores"], m["device"], m["accelerator"])
+        if key not in merged:
+            merged[key] = {**copy.deepcopy(result), "command": [result["command"]] if isinstance(result["command"],
+                           str) else list(result["command"])}  # fmt: skip
+            continue
+        into = merged[key]
+        into["command"] += [result["command"]] if isinstance(result["command"], str) else result["command"]
+        for section in result["sections"]:
+            if section not in into["sections"]:
+                into["sections"].append(section)
+            if isinstance(result[section], list):
+                into[section] = into.get(section, []) + result[section]
+            else:
+                into[section] = result[section]
+    return list(merged.values())
+
+
+def markdown(results: list[dict]) -> str:
+    """The whole of docs/benchmarks.md: a summary, then one part per machine."""
+    results = merge_results(results)
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `{result['command']}`. Regenerate it with `python scripts/bench.py --out docs/benchmarks.md "
-        "--json docs/benchmarks.json` (add `--threads N` to fix the thread count) rather than editing this page. "
-        "Variants are measured interleaved (the order rotates every round); every time is a median over rounds, and "
-        "ratios are against the unconverted model measured in the same rounds.",
+        "Each part of this page was written by `scripts/bench.py` on the machine it names; the commands are given "
+        "in each part. To regenerate, run a part's commands with `--json FILE`, then "
+        "`python scripts/bench.py --render FILE... --out docs/benchmarks.md` (the JSON files beside this page are "
+        "the records this page was rendered from) rather than editing this page. Variants are measured interleaved "
+        "(the order rotates every round); every time is a median over rounds, and ratios are against the "
+        "unconverted model measured in the same rounds.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device `{m['device']}`, "
-        f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}. {busy_note(result)}",
+        *_summary_md(results),
         "",
     ]
-    if m["accelerator"] is None:
-        lines += ["No accelerator was available for this run: all figures are CPU figures and no GPU figures are "
-                  "reported. On a CUDA machine the same command measures the GPU.", ""]  # fmt: skip
+    for result in results:
+        lines += _machine_md(result)
+    return "\n".join(lines + NOTES + [""])
+
+
+def _machine_name(m: dict) -> str:
+    return f"GPU: {m['accelerator']}" if m["accelerator"] else f"CPU: {m['cpu']}, {m['cores']} cores"
+
+
+def _summary_md(results: list[dict]) -> list[str]:
+    lines = [
+        "## Summary",
+        "",
+        "Training-step time and training memory of the two modes against the unconverted model, from the training "
+        "tables below (eager mode).",
+        "",
+        "| machine | model | batch, input | exact: step | exact: memory | fast: step | fast: memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        rows = [r for r in result.get("train", []) if not r.get("compiled")]
+        for case in dict.fromkeys((r["model"], r["batch"], r["side"]) for r in rows):
+            by_variant = {r["variant"]: r for r in rows if (r["model"], r["batch"], r["side"]) == case}
+            exact, fast = by_variant["exact"], by_variant["fast"]
+            lines.append(
+                f"| {_machine_name(result['machine'])} | {case[0]} | {case[1]}, {case[2]}x{case[2]} | "
+                f"{exact['wall_ms_ratio']:.2f}x | {exact['peak_bytes_ratio']:.2f}x | {fast['wall_ms_ratio']:.2f}x | "
+                f"{fast['peak_bytes_ratio']:.2f}x |"
+            )
+    return lines
+
+
+def _machine_md(result: dict) -> list[str]:
+    m = result["machine"]
+    commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
+    lines = [
+        f"## {_machine_name(m)}",
+        "",
+        "Measured by " + "; ".join(f"`{c}`" for c in commands) + ".",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device `{m['device']}`"
+        + (f" ({m['accelerator']})" if m["accelerator"] else "")
+        + f", torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}. {busy_note(result)}",
+        "",
+    ]
     for section, render in (("train", _train_md), ("inference", _inference_md), ("candidates", _candidates_md),
                             ("convert", _convert_md)):  # fmt: skip
         if section in result:
             lines += render(result[section], m) + [""]
-    return "\n".join(lines)
+    return lines
 
 
 VARIANT_NAMES = {
@@ -631,7 +712,7 @@ VARIANT_NAMES = {
 def _train_md(rows: list[dict], m: dict) -> list[str]:
     memory = "peak memory (MiB)" if m["device"].startswith("cuda") else "training memory (MiB)"
     lines = [
-        "## Training step",
+        "### Training step",
         "",
         "One step = forward, cross-entropy, backward and an SGD-with-momentum update on a fixed random batch, train "
         "mode. The naive reference (`scripts/naive_acnet.py`) is the straightforward implementation: module walk, "
@@ -675,7 +756,7 @@ def _memory_definition(m: dict) -> str:
 
 def _inference_md(rows: list[dict], m: dict) -> list[str]:
     lines = [
-        "## Inference after deployment",
+        "### Inference after deployment",
         "",
         "Eval mode, `torch.inference_mode()`. `deploy` fuses the ACNet blocks; the conv + BatchNorm pairs it does "
         "not touch (1x1 convs, and in fast mode every converted conv, whose BatchNorm stays) are then folded exactly "
@@ -696,7 +777,7 @@ def _inference_md(rows: list[dict], m: dict) -> list[str]:
 def _candidates_md(rows: list[dict], m: dict) -> list[str]:
     case = f"{rows[0]['model']}, batch {rows[0]['batch']}, {rows[0]['side']}x{rows[0]['side']}" if rows else ""
     lines = [
-        "## What was tried",
+        "### What was tried",
         "",
         f"Training-step ratio of each implementation of the blocks that was tried ({case}), against the original "
         "model run the same way, measured in the same interleaved rounds. Every candidate computes the same "
@@ -711,11 +792,11 @@ def _candidates_md(rows: list[dict], m: dict) -> list[str]:
     for r in rows:
         lines.append(f"| {r['candidate']} | {r['what']} | {r['wall_ratio']:.2f}x | {r['cpu_ratio']:.2f}x | "
                      f"{r['memory_ratio']:.2f}x | {'yes' if r['kept'] else 'no'} |")  # fmt: skip
-    return lines + ["", *NOTES]
+    return lines
 
 
 NOTES = [
-    "Notes on the candidates:",
+    "## Notes on the figures",
     "",
     "- The exact block computes every branch, so its step-time ratio cannot go below the FLOP ratio of the training "
     "table. What it pays above that is memory-bound work that the FLOP count does not see: two more BatchNorms per "
@@ -750,7 +831,7 @@ NOTES = [
 
 def _convert_md(conv: dict, m: dict) -> list[str]:
     lines = [
-        "## acify + deploy wall time",
+        "### acify + deploy wall time",
         "",
         "resnet50 (medians, seconds; `inplace` converts a fresh copy each round):",
         "",
@@ -797,8 +878,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile every model of the training section (optionally: the compile mode)")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write every figure and sample here")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: write the page from these saved results")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.render:
+        return _write(markdown([json.loads(path.read_text()) for path in args.render]), args.out)
     sections = tuple(s for s in args.sections.split(",") if s)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -812,12 +897,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = replace(sizes, compile=args.compile)
     result = run(sections, sizes, device)
     result["command"] = shlex.join(["python", "scripts/bench.py", *argv])
-    text = markdown(result)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return _write(markdown([result]), args.out)
+
+
+def _write(text: str, out: Path | None) -> int:
+    print(text)
+    if out:
+        out.write_text(text)
     return 0
 
 

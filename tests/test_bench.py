@@ -83,10 +83,32 @@ def test_report_describes_the_machine_and_every_section(smoke):
     result, text, stdout = smoke
     assert text in stdout
     assert result["machine"]["cpu"] in text and f"{result['machine']['cores']} cores" in text
-    for heading in ("## Training step", "## Inference after deployment", "## What was tried", "## acify + deploy"):
+    for heading in ("## Summary", "### Training step", "### Inference after deployment", "### What was tried",
+                    "### acify + deploy", "## Notes on the figures"):  # fmt: skip
         assert heading in text
-    no_accelerator = "No accelerator was available for this run"
-    assert (no_accelerator in text) == (result["machine"]["accelerator"] is None)
+    assert f"## CPU: {result['machine']['cpu']}" in text and result["command"] in text
+
+
+def test_render_joins_the_results_of_one_machine_and_gives_each_machine_its_part(smoke, tmp_path):
+    result, _, _ = smoke
+    train_only = {**result, "sections": ["train"], "command": "python scripts/bench.py --sections train"}
+    for section in ("inference", "candidates", "convert"):
+        del train_only[section]
+    gpu = {**train_only, "machine": {**result["machine"], "device": "cuda", "accelerator": "Some GPU"}}
+    files = []
+    for i, part in enumerate((result, train_only, gpu)):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(part))
+    out = tmp_path / "page.md"
+    assert bench.main(["--render", *map(str, files), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("## CPU: ") == 1 and page.count("## GPU: Some GPU") == 1
+    cpu_part = page[page.index("## CPU: ") : page.index("## GPU: ")]
+    assert result["command"] in cpu_part and train_only["command"] in cpu_part
+    cases = len(bench.SMOKE.train)
+    assert cpu_part.count("| `acify` (exact) |") == 2 * cases  # the CPU training rows of both commands
+    summary = page[page.index("## Summary") : page.index("## CPU: ")]
+    assert summary.count("| CPU: ") == cases and summary.count("| GPU: Some GPU |") == cases  # one row per case
 
 
 def small_net():
@@ -99,6 +121,7 @@ def small_net():
 @pytest.mark.parametrize(
     "mode, candidate",
     [("exact", bench._sum_out_of_place), ("exact", bench._joint_asymmetric), ("exact", bench._custom_batch_norm_sum),
+     ("exact", bench._asymmetric_channels_last),
      ("fast", bench._fast_kernel_kept), ("fast", bench._fast_padded)],  # fmt: skip
 )
 def test_every_candidate_computes_what_the_shipped_block_computes(mode, candidate):
