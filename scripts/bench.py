@@ -66,7 +66,7 @@ class Sizes:
 
 FULL = Sizes(
     train=[("resnet18", 32, 64), ("mobilenet_v2", 32, 64), ("resnet18", 32, 224), ("mobilenet_v2", 32, 224)],
-    repeats=7, warmup=1, infer_models=["resnet18", "mobilenet_v2"], infer_batch=1, infer_size=224,
+    repeats=15, warmup=2, infer_models=["resnet18", "mobilenet_v2"], infer_batch=1, infer_size=224,
     infer_repeats=30, candidate_case=("resnet18", 32, 64), convert_repeats=5, chain=[25, 50, 100, 200], zoo=None,
 )  # fmt: skip
 FULL_CUDA = replace(FULL, repeats=25, warmup=3, infer_repeats=100)  # a GPU step is short: more rounds
