@@ -799,33 +799,49 @@ NOTES = [
     "## Notes on the figures",
     "",
     "- The exact block computes every branch, so its step-time ratio cannot go below the FLOP ratio of the training "
-    "table. What it pays above that is memory-bound work that the FLOP count does not see: two more BatchNorms per "
+    "tables. What it pays above that is memory-bound work that the FLOP count does not see: two more BatchNorms per "
     "block (statistics, normalisation and their backward are passes over the branch outputs), the branch outputs "
-    "themselves, and oneDNN's throughput on 1xK and Kx1 kernels. On CPU that work is a large share of a step, "
-    "and for MobileNetV2, whose converted convs are depthwise (memory-bound themselves), it is nearly all of it: "
+    "themselves, and the libraries' lower throughput on 1xK and Kx1 kernels (oneDNN on the CPU, cuDNN on the GPU). "
+    "For MobileNetV2, whose converted convs are depthwise (memory-bound themselves), that work is nearly all of it: "
     "its FLOP ratio says little there. The naive reference runs the same native kernels, so exact mode can only "
-    "beat it by what it does around them.",
+    "beat it by what it does around them, and it is level with it.",
     "- Adding the third branch in place saves one full-size temporary per block; its time gain is within noise.",
     "- Zero-padding the asymmetric kernels to KxK to run them as one conv triples their FLOPs, which costs far more "
     "than the saved call. A custom BN + sum function written with PyTorch operations needs more passes over the "
     "activations than the native fused BatchNorm kernels, in both directions.",
     "- channels_last and disabling oneDNN change the original model as much as the acified one, so they do not "
-    "move the ratio in ACNet's favour (and oneDNN off is slower in absolute terms).",
+    "move the ratio in ACNet's favour (and oneDNN off is slower in absolute terms). Timed alone, oneDNN runs 1x3 "
+    "and 3x1 convs two to three times faster on channels_last input than on the default layout, but converting "
+    "the input inside the block and summing outputs of mixed layouts costs that back: within noise of the shipped "
+    "block in the table above, and slower (2.11x against 1.88x at 64x64, 2.64x against 2.04x at 224x224) when the "
+    "two are timed alone against the original.",
     "- The crop a branch applies when the conv's padding is smaller than the branch offset is a view, and it does "
     "not occur in ResNet or MobileNetV2 (every branch reaches its pixels through padding alone), so avoiding it "
     "was not measured here.",
-    "- Fast mode: a hand-written autograd function for the composition makes fewer passes over the kernels on "
-    "paper than autograd through `F.pad` (no padded copies or zero fills), but it is level with it within whole "
-    "steps, and timed alone the two swap places with the allocator's state (the column above is measured after "
-    "the training steps, with the allocator warm, as in training); the simpler version is kept. Recomputing the "
-    "composed kernel in backward instead of saving it would save one kernel-sized tensor per conv for a second "
-    "composition per step and a hand-written conv backward; it was not adopted.",
+    "- Fast mode keeps no composed kernel for backward and composes it again there. Against keeping it, that saves "
+    "one kernel-sized tensor per converted conv (ResNet-18 at 64x64: training memory 1.67x -> 1.44x; at 224x224: "
+    "1.16x -> 1.10x) for one more composition per step (at 64x64 on the CPU about 5% of a step, 1.18-1.22x -> "
+    "1.24-1.29x in the candidate runs; within noise at 224x224). Memory is the scarcer resource where the saving "
+    "matters, so the recomputation is kept.",
     "- Fast mode's remaining cost is proportional to the number of weights, not to the batch or the image: the "
-    "composition, and the optimizer and gradients of the extra 1xK and Kx1 kernels. It is a visible share of a "
-    "step at 64x64 (ResNet-18's last stage works on 2x2 maps) and a small one at 224x224; MobileNetV2's "
-    "converted convs are depthwise, so it is negligible there. The same holds for its memory: the extra kernels, "
-    "their gradients and optimizer state, and one composed kernel per conv, next to activations that grow with "
-    "batch and image size.",
+    "composition, and the gradients and optimizer state of the extra 1xK and Kx1 kernels. Those kernels hold two "
+    "thirds as many weights as the 3x3 kernels; with their gradients and SGD momentum they alone add 88 MiB to "
+    "ResNet-18's 189 MiB of training memory at batch 32, 64x64 (a floor of 1.46x for any implementation that "
+    "trains separate kernels, against 1.44x measured, the composed kernel no longer kept being the difference), "
+    "and 11% at 224x224. The time follows the same pattern: a visible share of a step at 64x64, where ResNet-18's "
+    "last stage works on 2x2 maps, and a few percent at 224x224; MobileNetV2's converted convs are depthwise, so "
+    "it is small there.",
+    "- On the GPU, a batch of 32 leaves the H100 idle most of the step: ResNet-18 takes 10-13 ms per step at both "
+    "64x64 and 224x224, the time the host needs to issue its operations. There every extra operation costs its "
+    "launch, whatever its size: exact mode adds two convs, two BatchNorms and two sums per block, fast mode a "
+    "dozen small operations on the kernels, and both cost about twice the original's step. At batch 256 the GPU "
+    "is the bottleneck and fast mode costs 1.04x (ResNet-18) and 1.02x (MobileNetV2) in time and 1.01x / 1.00x "
+    "in memory, while exact mode's extra activations and BatchNorms cost 2.34x / 1.93x. torch.compile (default "
+    "mode) at batch 32, 64x64 takes fast mode to 1.47x and exact mode to 2.14x; CUDA graphs (`mode=\"reduce-"
+    "overhead\"`), which remove launch costs, were not measured.",
+    "- The H100 figures were measured with the PyTorch installed on that machine (2.11); the batch-32 rows "
+    "predate a later change that trims fast mode's work per call on the host (no dtype casts without autocast, "
+    "geometry computed once: about 5% of its per-call overhead on the CPU).",
 ]
 
 
