@@ -10,6 +10,7 @@ from .block import INITS, resolve_padding
 from .errors import ACNetError
 from .kernels import Kernel, centre_slices, fold_bn, sum_branches
 
+
 class FastACBlock(nn.Module):
     """A conv whose KxK kernel is composed, every forward, from scaled KxK, 1xK and Kx1 kernels.
 

@@ -825,10 +825,10 @@ NOTES = [
     "matters, so the recomputation is kept.",
     "- Fast mode's remaining cost is proportional to the number of weights, not to the batch or the image: the "
     "composition, and the gradients and optimizer state of the extra 1xK and Kx1 kernels. Those kernels hold two "
-    "thirds as many weights as the 3x3 kernels; with their gradients and SGD momentum they alone add 88 MiB to "
-    "ResNet-18's 189 MiB of training memory at batch 32, 64x64 (a floor of 1.46x for any implementation that "
-    "trains separate kernels, against 1.44x measured, the composed kernel no longer kept being the difference), "
-    "and 11% at 224x224. The time follows the same pattern: a visible share of a step at 64x64, where ResNet-18's "
+    "thirds as many weights as the 3x3 kernels (7.3 million in ResNet-18); with their gradients and SGD momentum "
+    "they alone add 84 MiB to ResNet-18's 189 MiB of training memory at batch 32, 64x64, and 84 MiB to 811 MiB "
+    "at 224x224: floors of 1.44x and 1.10x for any implementation that trains separate kernels, and exactly what "
+    "is measured. The time follows the same pattern: a visible share of a step at 64x64, where ResNet-18's "
     "last stage works on 2x2 maps, and a few percent at 224x224; MobileNetV2's converted convs are depthwise, so "
     "it is small there.",
     "- On the GPU, a batch of 32 leaves the H100 idle most of the step: ResNet-18 takes 10-13 ms per step at both "
