@@ -244,7 +244,7 @@ def convert_command(
     force: Force = False,
     debug: Debug = False,
 ) -> None:
-    """Turn every eligible conv (with its BatchNorm) into an ACBlock and write the training checkpoint."""
+    """Turn every eligible conv (with its BatchNorm) into an ACNet block (--mode) and write the training checkpoint."""
     model_spec = ModelSpec(spec, tuple(arg or ()))
     target = checkpoint.ensure_writable(out_file or f"{model_spec.stem}.acnet.safetensors", force=force)
     checkpoint.file_kind(target)
@@ -306,7 +306,7 @@ def deploy_command(
     force: Force = False,
     debug: Debug = False,
 ) -> None:
-    """Fuse every ACBlock of a trained checkpoint into one conv and write the deployed weights, checked."""
+    """Fuse every ACNet block of a trained checkpoint into one conv and write the deployed weights, checked."""
     if fmt not in ("plain", "original"):
         raise ACNetError(f"unknown --format {fmt!r}: use plain or original")
     target = checkpoint.ensure_writable(out_file, force=force)

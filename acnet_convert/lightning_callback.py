@@ -1,4 +1,4 @@
-"""A Lightning callback that trains a LightningModule with ACBlocks and deploys it at the end of fit."""
+"""A Lightning callback that trains a LightningModule with ACNet blocks and deploys it at the end of fit."""
 
 from __future__ import annotations
 
