@@ -10,7 +10,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec
 
-import torch
 import torch.distributed as dist
 from torch import nn
 

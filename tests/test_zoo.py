@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 from torchvision import models
 
 from roundtrip import check_round_trip, output_sum
