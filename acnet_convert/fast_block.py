@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .block import INITS, resolve_padding
 from .errors import ACNetError
-from .kernels import Kernel, centre_slices, fold_bn, sum_branches
+from .kernels import Kernel, fold_bn, sum_branches
 
 
 class FastACBlock(nn.Module):
@@ -69,7 +69,7 @@ class FastACBlock(nn.Module):
         pad_h, pad_w = resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
         self._explicit_padding = (pad_w, pad_w, pad_h, pad_h)  # F.pad order, used when padding_mode != "zeros"
         conv_padding = [pad_h, pad_w] if conv.padding_mode == "zeros" else [0, 0]  # else F.pad pads first
-        self._geometry = (list(conv.stride), conv_padding, list(conv.dilation), conv.groups)
+        self._geometry = (list(conv.stride), conv_padding, list(conv.dilation), conv.groups, conv.kernel_size)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
@@ -82,11 +82,14 @@ class FastACBlock(nn.Module):
 
     def composed_weight(self) -> Tensor:
         """The KxK kernel this block runs (differentiable in every weight and scale)."""
-        return compose_kernel(self._kernels_and_scales())
+        return compose_kernel(self._kernels_and_scales(), self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":  # as nn.Conv2d does it
             x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
+        stride, padding, dilation, groups, _ = self._geometry
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing records the plain operations instead
+            return F.conv2d(x, self.composed_weight(), self.bias, stride, padding, dilation, groups)
         return _ComposedConv.apply(x, self.bias, self._geometry, *self._kernels_and_scales())
 
     def _kernels_and_scales(self) -> tuple[Tensor, ...]:
@@ -129,16 +132,16 @@ class FastACBlock(nn.Module):
         )
 
 
-def compose_kernel(kernels_and_scales: tuple[Tensor, ...]) -> Tensor:
+def compose_kernel(kernels_and_scales: tuple[Tensor, ...], kernel_size: tuple[int, int]) -> Tensor:
     """``scale_square * weight`` with the scaled 1xK and Kx1 kernels added at its centre row and column.
 
     ``kernels_and_scales`` is ``(weight, weight_hor, weight_ver, scale_square, scale_hor, scale_ver)``.
     """
-    weight, *others = kernels_and_scales[:3]
-    scales = kernels_and_scales[3:]
-    kernel = _scaled(weight, scales[0])
-    for small, scale in zip(others, scales[1:]):
-        kernel[_centre(small.shape, weight.shape)].addcmul_(small, scale.reshape(-1, 1, 1, 1))
+    weight, weight_hor, weight_ver, scale_square, scale_hor, scale_ver = kernels_and_scales
+    row, column = _centre_lines(kernel_size)
+    kernel = _scaled(weight, scale_square)
+    kernel[row].addcmul_(weight_hor, scale_hor.reshape(-1, 1, 1, 1))
+    kernel[column].addcmul_(weight_ver, scale_ver.reshape(-1, 1, 1, 1))
     return kernel
 
 
@@ -146,8 +149,8 @@ def compose_kernel_backward(grad_kernel: Tensor, kernels_and_scales: tuple[Tenso
     """The gradients of ``compose_kernel``'s inputs, in their order, given the gradient of its output."""
     weights, scales = kernels_and_scales[:3], kernels_and_scales[3:]
     grad_weights, grad_scales = [], []
-    for weight, scale in zip(weights, scales):
-        g = grad_kernel[_centre(weight.shape, grad_kernel.shape)]
+    for weight, scale, where in zip(weights, scales, ((...,), *_centre_lines(grad_kernel.shape[2:]))):
+        g = grad_kernel[where]
         grad_weights.append(_scaled(g, scale))
         grad_scales.append((g * weight).sum((1, 2, 3)))
     return (*grad_weights, *grad_scales)
@@ -164,8 +167,8 @@ class _ComposedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, bias: Tensor | None, geometry: tuple, *kernels_and_scales: Tensor) -> Tensor:
-        stride, padding, dilation, groups = geometry
-        return F.conv2d(x, compose_kernel(kernels_and_scales), bias, stride, padding, dilation, groups)
+        stride, padding, dilation, groups, kernel_size = geometry
+        return F.conv2d(x, compose_kernel(kernels_and_scales, kernel_size), bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
@@ -176,9 +179,9 @@ class _ComposedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, bias, *kernels_and_scales = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
+        stride, padding, dilation, groups, kernel_size = ctx.geometry
         dtype, master = ctx.compute_dtype, kernels_and_scales[0].dtype
-        kernel = compose_kernel(kernels_and_scales)
+        kernel = compose_kernel(kernels_and_scales, kernel_size)
         if dtype != master:  # autocast: the conv ran on cast copies
             kernel, x_cast = kernel.to(dtype), x.to(dtype)
         else:
@@ -197,9 +200,10 @@ class _ComposedConv(torch.autograd.Function):
         return grad_x, grad_bias, None, *compose_kernel_backward(grad_kernel, kernels_and_scales)
 
 
-def _centre(small: torch.Size, full: torch.Size) -> tuple:
-    """The index of a kernel of shape ``small`` at the centre of one of shape ``full``."""
-    return (..., *centre_slices(small[2:], full[2:]))
+def _centre_lines(kernel_size: tuple[int, int]) -> tuple[tuple, tuple]:
+    """The indices of a kernel's centre row and centre column (odd sides)."""
+    kh, kw = kernel_size
+    return (..., slice(kh // 2, kh // 2 + 1), slice(None)), (..., slice(None), slice(kw // 2, kw // 2 + 1))
 
 
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:

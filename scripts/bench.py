@@ -466,18 +466,18 @@ class _HandWrittenComposition(torch.autograd.Function):
     """FastACBlock's composed kernel as its own autograd function; the conv after it keeps the kernel."""
 
     @staticmethod
-    def forward(ctx, *kernels_and_scales):
+    def forward(ctx, kernel_size, *kernels_and_scales):
         ctx.save_for_backward(*kernels_and_scales)
-        return compose_kernel(kernels_and_scales)
+        return compose_kernel(kernels_and_scales, kernel_size)
 
     @staticmethod
     def backward(ctx, grad):
-        return compose_kernel_backward(grad, ctx.saved_tensors)
+        return None, *compose_kernel_backward(grad, ctx.saved_tensors)
 
 
 def _fast_kernel_kept(block: FastACBlock, x: torch.Tensor) -> torch.Tensor:
     """FastACBlock's forward with the composition as its own function and the kernel kept (zero padding only)."""
-    kernel = _HandWrittenComposition.apply(*block._kernels_and_scales())
+    kernel = _HandWrittenComposition.apply(block.kernel_size, *block._kernels_and_scales())
     return F.conv2d(x, kernel, block.bias, block.stride, block.padding, block.dilation, block.groups)
 
 

@@ -223,3 +223,14 @@ def test_bad_mode_and_kernels_are_clear_errors():
         FastACBlock.from_conv(nn.Conv2d(1, 1, 3), init="zero")
     with pytest.raises(ACNetError, match="for a single block call block.fuse"):
         deploy(FastACBlock(1, 1, 3))
+
+
+def test_symbolic_tracing_records_the_same_block():
+    fast = acify(Net(), mode="fast", init="scratch")
+    for block in (fast.conv1, fast.conv2):
+        randomize_scales(block)
+    traced = torch.fx.symbolic_trace(fast)
+    assert not any(isinstance(m, FastACBlock) for m in traced.modules())  # traced through, into plain operations
+    assert torch.allclose(traced(X), fast(X), rtol=1e-6, atol=1e-6)  # float32, the same operations
+    traced(X).square().sum().backward()
+    assert fast.conv2.scale_ver.grad is not None  # the traced graph trains the block's own parameters
