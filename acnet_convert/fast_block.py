@@ -165,6 +165,8 @@ class _ComposedConv(torch.autograd.Function):
     in backward as in forward.
     """
 
+    generate_vmap_rule = True  # torch.func.vmap runs forward and backward per sample
+
     @staticmethod
     def forward(x: Tensor, bias: Tensor | None, geometry: tuple, *kernels_and_scales: Tensor) -> Tensor:
         stride, padding, dilation, groups, kernel_size = geometry

@@ -234,3 +234,20 @@ def test_symbolic_tracing_records_the_same_block():
     assert torch.allclose(traced(X), fast(X), rtol=1e-6, atol=1e-6)  # float32, the same operations
     traced(X).square().sum().backward()
     assert fast.conv2.scale_ver.grad is not None  # the traced graph trains the block's own parameters
+
+
+def test_per_sample_gradients_with_vmap_equal_one_backward_per_sample():
+    block = FastACBlock.from_conv(nn.Conv2d(2, 3, 3, padding=1, groups=1, dtype=torch.float64), init="scratch")
+    randomize_scales(block)
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    params = {name: p.detach() for name, p in block.named_parameters()}
+
+    def loss(values, sample):
+        return torch.func.functional_call(block, values, (sample[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        block.zero_grad()
+        block(x[i : i + 1]).square().sum().backward()
+        for name, p in block.named_parameters():
+            assert (per_sample[name][i] - p.grad).abs().max().item() <= 1e-12 * max(1.0, p.grad.abs().max().item())
