@@ -812,9 +812,11 @@ NOTES = [
     "- channels_last and disabling oneDNN change the original model as much as the acified one, so they do not "
     "move the ratio in ACNet's favour (and oneDNN off is slower in absolute terms). Timed alone, oneDNN runs 1x3 "
     "and 3x1 convs two to three times faster on channels_last input than on the default layout, but converting "
-    "the input inside the block and summing outputs of mixed layouts costs that back: within noise of the shipped "
-    "block in the table above, and slower (2.11x against 1.88x at 64x64, 2.64x against 2.04x at 224x224) when the "
-    "two are timed alone against the original.",
+    "the input inside the block and summing outputs of mixed layouts costs that back, and how much depends on "
+    "what else ran in the process: slightly faster than the shipped block in the CPU table above (1.81x against "
+    "1.89x), but slower when the two are timed against the original alone (2.11-2.18x against 1.84-1.88x at "
+    "64x64, 2.64x against 2.04x at 224x224) and when each model trains alone in its own process, as in real "
+    "training (ResNet-18 at 64x64: 252-258 ms against 209-216 ms a step). It was not adopted.",
     "- The crop a branch applies when the conv's padding is smaller than the branch offset is a view, and it does "
     "not occur in ResNet or MobileNetV2 (every branch reaches its pixels through padding alone), so avoiding it "
     "was not measured here.",
