@@ -822,7 +822,7 @@ NOTES = [
     "was not measured here.",
     "- Fast mode keeps no composed kernel for backward and composes it again there. Against keeping it, that saves "
     "one kernel-sized tensor per converted conv (ResNet-18 at 64x64: training memory 1.67x -> 1.44x; at 224x224: "
-    "1.16x -> 1.10x) for one more composition per step (at 64x64 on the CPU about 5% of a step, 1.18-1.22x -> "
+    "1.16x -> 1.10x) for one more composition per step (at 64x64 on the CPU about 5% of a step, 1.17-1.22x -> "
     "1.24-1.29x in the candidate runs; within noise at 224x224). Memory is the scarcer resource where the saving "
     "matters, so the recomputation is kept.",
     "- Fast mode's remaining cost is proportional to the number of weights, not to the batch or the image: the "
