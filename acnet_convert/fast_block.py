@@ -68,8 +68,6 @@ class FastACBlock(nn.Module):
         self.padding, self.groups, self.padding_mode = conv.padding, conv.groups, conv.padding_mode
         pad_h, pad_w = resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
         self._explicit_padding = (pad_w, pad_w, pad_h, pad_h)  # F.pad order, used when padding_mode != "zeros"
-        conv_padding = [pad_h, pad_w] if conv.padding_mode == "zeros" else [0, 0]  # else F.pad pads first
-        self._geometry = (list(conv.stride), conv_padding, list(conv.dilation), conv.groups, conv.kernel_size)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
@@ -82,15 +80,16 @@ class FastACBlock(nn.Module):
 
     def composed_weight(self) -> Tensor:
         """The KxK kernel this block runs (differentiable in every weight and scale)."""
-        return compose_kernel(self._kernels_and_scales(), self.kernel_size)
+        kernels_and_scales = self._kernels_and_scales()
+        if isinstance(self.weight, torch.fx.Proxy):  # symbolic tracing records the plain operations instead
+            return compose_kernel(kernels_and_scales, self.kernel_size)
+        return _ComposedKernel.apply(self.kernel_size, *kernels_and_scales)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":  # as nn.Conv2d does it
             x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
-        stride, padding, dilation, groups, _ = self._geometry
-        if isinstance(x, torch.fx.Proxy):  # symbolic tracing records the plain operations instead
-            return F.conv2d(x, self.composed_weight(), self.bias, stride, padding, dilation, groups)
-        return _ComposedConv.apply(x, self.bias, self._geometry, *self._kernels_and_scales())
+            return F.conv2d(x, self.composed_weight(), self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.composed_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _kernels_and_scales(self) -> tuple[Tensor, ...]:
         return (self.weight, self.weight_hor, self.weight_ver, self.scale_square, self.scale_hor, self.scale_ver)
@@ -156,50 +155,35 @@ def compose_kernel_backward(grad_kernel: Tensor, kernels_and_scales: tuple[Tenso
     return (*grad_weights, *grad_scales)
 
 
-class _ComposedConv(torch.autograd.Function):
-    """``conv2d(x, compose_kernel(...), bias)`` that recomputes the composed kernel in backward.
+class _ComposedKernel(torch.autograd.Function):
+    """``compose_kernel`` with its backward written out: autograd through the in-place adds would copy the
+    kernel's gradient once per add.  The backward is made of differentiable operations (double backward
+    works), forward-mode derivatives are given, and ``torch.func.vmap`` runs it per sample."""
 
-    Keeping the kernel for backward would cost one kernel-sized tensor per block for the whole step;
-    composing it again is a pass over the kernels.  Backward is written with differentiable
-    operations, so double backward works.  Under autocast the conv runs in the dtype of its output,
-    in backward as in forward.
-    """
-
-    generate_vmap_rule = True  # torch.func.vmap runs forward and backward per sample
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, bias: Tensor | None, geometry: tuple, *kernels_and_scales: Tensor) -> Tensor:
-        stride, padding, dilation, groups, kernel_size = geometry
-        return F.conv2d(x, compose_kernel(kernels_and_scales, kernel_size), bias, stride, padding, dilation, groups)
+    def forward(kernel_size: tuple[int, int], *kernels_and_scales: Tensor) -> Tensor:
+        return compose_kernel(kernels_and_scales, kernel_size)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-        x, bias, ctx.geometry, *kernels_and_scales = inputs
-        ctx.save_for_backward(x, bias, *kernels_and_scales)
-        ctx.compute_dtype = output.dtype
+        ctx.kernel_size, *kernels_and_scales = inputs
+        ctx.save_for_backward(*kernels_and_scales)
+        ctx.save_for_forward(*kernels_and_scales)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, bias, *kernels_and_scales = ctx.saved_tensors
-        stride, padding, dilation, groups, kernel_size = ctx.geometry
-        dtype, master = ctx.compute_dtype, kernels_and_scales[0].dtype
-        kernel = compose_kernel(kernels_and_scales, kernel_size)
-        if dtype != master:  # autocast: the conv ran on cast copies
-            kernel, x_cast = kernel.to(dtype), x.to(dtype)
-        else:
-            x_cast = x
-        mask = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:]), bias is not None and ctx.needs_input_grad[1]]
-        grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
-            grad, x_cast, kernel, None if bias is None else [bias.shape[0]],
-            stride, padding, dilation, False, [0, 0], groups, mask,
-        )  # fmt: skip
-        if dtype != master:
-            grad_x = grad_x if grad_x is None else grad_x.to(x.dtype)
-            grad_bias = grad_bias if grad_bias is None else grad_bias.to(bias.dtype)
-            grad_kernel = grad_kernel if grad_kernel is None else grad_kernel.to(master)
-        if grad_kernel is None:
-            return grad_x, grad_bias, None, *([None] * 6)
-        return grad_x, grad_bias, None, *compose_kernel_backward(grad_kernel, kernels_and_scales)
+        return None, *compose_kernel_backward(grad, ctx.saved_tensors)
+
+    @staticmethod
+    def jvp(ctx, _, *tangents: Tensor | None) -> Tensor:
+        values = ctx.saved_tensors
+        tangents = [torch.zeros_like(v) if t is None else t for v, t in zip(values, tangents)]
+        # product rule: the kernels' tangents at the scales, plus the kernels at the scales' tangents
+        return compose_kernel((*tangents[:3], *values[3:]), ctx.kernel_size) + compose_kernel(
+            (*values[:3], *tangents[3:]), ctx.kernel_size
+        )
 
 
 def _centre_lines(kernel_size: tuple[int, int]) -> tuple[tuple, tuple]:

@@ -54,9 +54,11 @@ def test_training_table_has_every_variant_with_consistent_ratios(smoke):
         assert rows["naive"]["params"] == rows["exact"]["params"]
         assert rows["naive"]["forward_flops"] == rows["exact"]["forward_flops"] > rows["original"]["forward_flops"]
         assert rows["fast"]["forward_flops"] == rows["original"]["forward_flops"]
-        # the CPU memory account: fast mode keeps what the original keeps for backward, exact mode more
-        assert rows["fast"]["activation_bytes"] == rows["original"]["activation_bytes"]
-        assert rows["exact"]["activation_bytes"] > rows["original"]["activation_bytes"]
+        # the allocator's peak includes the extra kernels' parameters and momentum, at the least
+        model = acify(torchvision.models.get_model(case[0]), mode="fast")
+        extra = sum(p.nbytes for n, p in model.named_parameters() if n.split(".")[-1] not in ("weight", "bias"))
+        assert rows["fast"]["peak_bytes"] - rows["original"]["peak_bytes"] >= 2 * extra
+        assert rows["exact"]["peak_bytes"] > rows["original"]["peak_bytes"]
 
 
 def test_deployed_models_have_the_parameter_count_of_the_folded_original(smoke):
@@ -122,7 +124,7 @@ def small_net():
     "mode, candidate",
     [("exact", bench._sum_out_of_place), ("exact", bench._joint_asymmetric), ("exact", bench._custom_batch_norm_sum),
      ("exact", bench._asymmetric_channels_last),
-     ("fast", bench._fast_kernel_kept), ("fast", bench._fast_padded)],  # fmt: skip
+     ("fast", bench._fast_recomputed), ("fast", bench._fast_padded)],  # fmt: skip
 )
 def test_every_candidate_computes_what_the_shipped_block_computes(mode, candidate):
     shipped = acify(small_net(), init="scratch", mode=mode).train()
