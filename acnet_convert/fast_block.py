@@ -158,7 +158,7 @@ def compose_kernel_backward(grad_kernel: Tensor, kernels_and_scales: tuple[Tenso
 class _ComposedKernel(torch.autograd.Function):
     """``compose_kernel`` with its backward written out: autograd through the in-place adds would copy the
     kernel's gradient once per add.  The backward is made of differentiable operations (double backward
-    works), forward-mode derivatives are given, and ``torch.func.vmap`` runs it per sample."""
+    works), and ``torch.func.vmap`` runs it per sample."""
 
     generate_vmap_rule = True
 
@@ -170,20 +170,10 @@ class _ComposedKernel(torch.autograd.Function):
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
         ctx.kernel_size, *kernels_and_scales = inputs
         ctx.save_for_backward(*kernels_and_scales)
-        ctx.save_for_forward(*kernels_and_scales)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return None, *compose_kernel_backward(grad, ctx.saved_tensors)
-
-    @staticmethod
-    def jvp(ctx, _, *tangents: Tensor | None) -> Tensor:
-        values = ctx.saved_tensors
-        tangents = [torch.zeros_like(v) if t is None else t for v, t in zip(values, tangents)]
-        # product rule: the kernels' tangents at the scales, plus the kernels at the scales' tangents
-        return compose_kernel((*tangents[:3], *values[3:]), ctx.kernel_size) + compose_kernel(
-            (*values[:3], *tangents[3:]), ctx.kernel_size
-        )
 
 
 def _centre_lines(kernel_size: tuple[int, int]) -> tuple[tuple, tuple]:

@@ -9,7 +9,6 @@ from torch import nn
 
 from acnet_convert import ACBlock, ACNetError, FastACBlock, acify, deploy, plan, verify
 from acnet_convert.block import branch_geometry, resolve_padding
-from acnet_convert.fast_block import compose_kernel
 from conftest import randomize_bn
 
 
@@ -87,27 +86,6 @@ def test_gradients_equal_autograd_through_the_plain_composition(case, input_grad
     got = torch.autograd.grad(block(x), inputs, grad_out)
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() <= 1e-12 * max(1.0, w.abs().max().item())  # float64 rounding only
-
-
-def test_forward_mode_derivatives_equal_those_of_the_plain_composition():
-    block = FastACBlock.from_conv(nn.Conv2d(2, 4, (3, 5), padding=(1, 2), dtype=torch.float64), init="scratch")
-    randomize_scales(block)
-    names = [name for name, _ in block.named_parameters()]
-    values = tuple(p.detach() for p in block.parameters())
-    tangents = tuple(torch.randn_like(v) for v in values)
-    x = torch.randn(2, 2, 6, 7, dtype=torch.float64)
-
-    def through_block(*params):
-        return torch.func.functional_call(block, dict(zip(names, params)), (x,))
-
-    def plain(*params):
-        p = dict(zip(names, params))
-        kernels = tuple(p[n] for n in ("weight", "weight_hor", "weight_ver", "scale_square", "scale_hor", "scale_ver"))
-        return F.conv2d(x, compose_kernel(kernels, block.kernel_size), p["bias"], padding=(1, 2))
-
-    _, want = torch.func.jvp(plain, values, tangents)
-    _, got = torch.func.jvp(through_block, values, tangents)
-    assert (want - got).abs().max().item() <= 1e-12 * max(1.0, want.abs().max().item())  # float64 rounding only
 
 
 def test_composed_kernel_is_differentiable_to_second_order():
