@@ -684,8 +684,9 @@ def _summary_md(results: list[dict]) -> list[str]:
         for case in dict.fromkeys((r["model"], r["batch"], r["side"]) for r in rows):
             by_variant = {r["variant"]: r for r in rows if (r["model"], r["batch"], r["side"]) == case}
             exact, fast = by_variant["exact"], by_variant["fast"]
+            marker = " (see its note)" if result.get("note") else ""
             lines.append(
-                f"| {_machine_name(result['machine'])} | {case[0]} | {case[1]}, {case[2]}x{case[2]} | "
+                f"| {_machine_name(result['machine'])}{marker} | {case[0]} | {case[1]}, {case[2]}x{case[2]} | "
                 f"{exact['wall_ms_ratio']:.2f}x | {exact['peak_bytes_ratio']:.2f}x | {fast['wall_ms_ratio']:.2f}x | "
                 f"{fast['peak_bytes_ratio']:.2f}x |"
             )
@@ -705,6 +706,8 @@ def _machine_md(result: dict) -> list[str]:
         + f", torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}. {busy_note(result)}",
         "",
     ]
+    if result.get("note"):
+        lines += [f"Note: {result['note']}", ""]
     for section, render in (("train", _train_md), ("inference", _inference_md), ("candidates", _candidates_md),
                             ("convert", _convert_md)):  # fmt: skip
         if section in result:
@@ -856,11 +859,6 @@ NOTES = [
     "in memory, while exact mode's extra activations and BatchNorms cost 2.34x / 1.93x. torch.compile (default "
     "mode) at batch 32, 64x64 takes fast mode to 1.47x and exact mode to 2.14x; CUDA graphs (`mode=\"reduce-"
     "overhead\"`), which remove launch costs, were not measured.",
-    "- The H100 figures were measured with the PyTorch installed on that machine (2.11), before fast mode's "
-    "final form: its fast-mode training rows are of a block that composed the kernel again in backward, the "
-    "*fast, kernel recomputed* candidate; the shipped block was measured there as a candidate (*fast, as "
-    "shipped*: 1.93x against 2.38x at batch 32, 64x64, the same peak memory within 1%). That run's candidate "
-    "rows carry today's names.",
 ]
 
 
