@@ -4,22 +4,12 @@ import argparse
 import time
 
 import torch
-from sklearn.datasets import load_digits
 from torch.nn import functional as F
 
 from acnet_convert import acify, deploy, verify
+from acnet_convert.experiment import load_digits
 from acnet_convert.models import SmallCNN
 from acnet_convert.training import save_weights
-
-
-def digits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The 1797 digits scikit-learn ships, scaled to [0, 1], shuffled and split 1400 train / 397 test."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
 
 
 def main() -> None:
@@ -31,7 +21,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    (x_train, y_train), (x_test, y_test) = digits()
+    data = load_digits()  # scikit-learn's 8x8 digits: 1347 train / 450 test, stratified, standardised
+    x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
     model = SmallCNN(in_channels=1, num_classes=10, width=16)
     model = acify(model, init=args.init, gamma_init=args.gamma_init)  # the one line, before the optimizer is built
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
