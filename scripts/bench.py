@@ -616,9 +616,10 @@ def busy_note(result: dict) -> str:
         return ""
     busy = max(loads) > m["torch_threads"] + 0.5  # more than the benchmark's own threads were running
     state = "busy: other work shared the cores, so wall-clock figures are noisy" if busy else "quiet"
+    steadier = "" if m["accelerator"] else "; CPU-time ratios are the steadier figures"
     return (
         f"1-minute load average {loads[0]:.1f} at the start and {loads[-1]:.1f} at the end, with {m['cores']} cores "
-        f"and {m['torch_threads']} benchmark threads ({state}; CPU-time ratios are the steadier figures)."
+        f"and {m['torch_threads']} benchmark threads ({state}{steadier})."
     )
 
 
@@ -794,9 +795,9 @@ def _candidates_md(rows: list[dict], m: dict) -> list[str]:
         f"Training-step ratio of each implementation of the blocks that was tried ({case}), against the original "
         "model run the same way, measured in the same interleaved rounds. Every candidate computes the same "
         "function, gradients and BatchNorm statistics as the shipped block (checked in float64 by "
-        "`tests/test_bench.py`); it is kept only if it is faster.",
+        "`tests/test_bench.py`); it is kept only if the measurements favour it (time, then peak memory).",
         "",
-        "The memory ratio is the training memory of the training table, against the same original.",
+        "The memory ratio is the peak memory of the training table, against the same original.",
         "",
         "| candidate | what | step ratio | CPU time ratio | memory ratio | kept |",
         "|---|---|---|---|---|---|",
