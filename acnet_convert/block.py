@@ -16,8 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ACNetError
 from .kernels import Kernel, fold_bn, sum_branches
+from .registry import INITS, ReparamBlock, register_block
 
-INITS = ("preserve", "scratch")
 LAYOUTS = ("lines", "planes")
 BLOCK_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 _LINE_NAMES = {2: ("ver", "hor"), 3: ("depth", "ver", "hor")}  # a centre line along each axis
@@ -115,23 +115,37 @@ class ACBranch(nn.Module):
             y = F.pad(y, [p for p in reversed(self.pad) for _ in range(2)])
         return self.bn(y)
 
-    def kernel(self) -> Kernel:
-        """This branch's kernel and bias with its BatchNorm folded in (float64)."""
-        return fold_bn(self.conv.weight, self.conv.bias, self.bn, transposed=self.conv.transposed,
-                       groups=self.conv.groups)  # fmt: skip
+    def kernel(self, dtype: torch.dtype | None = None) -> Kernel:
+        """This branch's kernel and bias with its BatchNorm folded in (in ``dtype``, else the weight's)."""
+        return fold_bn(self.conv.weight.to(dtype or self.conv.weight.dtype), self.conv.bias, self.bn,
+                       transposed=self.conv.transposed, groups=self.conv.groups)  # fmt: skip
 
     def extra_repr(self) -> str:
         parts = [f"crop={self.crop}"] if any(self.crop) else []
         return ", ".join(parts + ([f"pad={self.pad}"] if any(self.pad) else []))
 
 
-class ACBlock(nn.Module):
+class ACBlock(ReparamBlock):
     """A KxK conv plus its centre-line branches (1xK and Kx1 in 2D), each followed by a BatchNorm, outputs summed.
 
     Accepts everything ``nn.Conv2d`` does for kernels whose sides are odd and >= 3; ``from_conv``
     also wraps ``nn.Conv3d`` and ``nn.ConvTranspose2d``.  ``fuse()`` returns the equivalent single
     conv (with bias).
     """
+
+    kind = "acb"
+    mode = "exact"
+    absorbs_bn = True
+
+    @classmethod
+    def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
+        if not isinstance(conv, BLOCK_CONVS):
+            return f"{type(conv).__name__} is not a Conv2d, Conv3d or ConvTranspose2d"
+        return kernel_problem(conv.kernel_size)
+
+    @classmethod
+    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return describe_layout(conv.kernel_size, layout if len(conv.kernel_size) == 3 else "lines")
 
     def __init__(
         self,
@@ -234,9 +248,14 @@ class ACBlock(nn.Module):
             out += branch(x)  # in place: one full-size temporary fewer, same sum
         return out
 
+    def equivalent_kernel(self) -> Kernel:
+        """The single kernel and bias equivalent to this block in eval mode (differentiable, in its dtype)."""
+        return sum_branches((branch.kernel() for branch in self.branches.values()), self.kernel_size)
+
     def fused_kernel(self) -> Kernel:
         """The single kernel and bias (float64) equivalent to this block in eval mode."""
-        return sum_branches((branch.kernel() for branch in self.branches.values()), self.kernel_size)
+        with torch.no_grad():
+            return sum_branches((branch.kernel(torch.float64) for branch in self.branches.values()), self.kernel_size)
 
     def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Module:
         """The equivalent conv (same class as the wrapped one, with bias), in this block's dtype and device.
@@ -271,3 +290,6 @@ def _branch_bn(absorbed: _BatchNorm | None, square: nn.Module, **factory) -> _Ba
         return plain(channels, **factory)
     cls = nn.SyncBatchNorm if isinstance(absorbed, nn.SyncBatchNorm) else plain
     return cls(channels, eps=absorbed.eps, momentum=absorbed.momentum, **factory)
+
+
+register_block("acb", ACBlock)

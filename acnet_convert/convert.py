@@ -1,47 +1,53 @@
-"""The public entry points: plan, acify and deploy."""
+"""The public entry points: plan, acify and deploy, and applying a recorded plan to a freshly built model."""
 
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .block import BLOCK_CONVS, INITS, LAYOUTS, ACBlock, resolve_padding
-from .errors import ACNetError
-from .fast_block import FastACBlock
-from .graph import Plan, analyze
+from .block import BLOCK_CONVS, LAYOUTS, resolve_padding
+from .errors import ACNetError, warn
+from .graph import BlockChoice, Plan, Site, analyze
+from .registry import DEFAULT_KIND, INITS, MODES, block_class, is_block
 from .surgery import replace_module
 
 PLAN_ATTR = "acnet_plan"
-MODES = ("exact", "fast")
 
 
 def plan(
     model: nn.Module,
     *,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
+    block: BlockChoice = DEFAULT_KIND,
+    mode: str = "exact",
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
     min_kernel: int = 3,
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
     layout3d: str = "lines",
 ) -> Plan:
-    """Report, without changing anything, what ``acify`` would do with every conv of ``model``."""
+    """Report, without changing anything, what ``acify`` with the same options would do with every conv."""
     _check_model(model, "plan")
     if layout3d not in LAYOUTS:
         raise ACNetError(f"unknown layout3d {layout3d!r}: use one of {', '.join(LAYOUTS)}")
+    _check_block_choice(block, mode)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    return analyze(model, _patterns(include), _patterns(exclude), min_kernel, max_kernel, example_inputs, layout3d)
+    return analyze(
+        model, _patterns(include), _patterns(exclude), min_kernel, max_kernel, example_inputs, layout3d, block, mode
+    )
 
 
 def acify(
     model: nn.Module,
     *,
     inplace: bool = False,
+    block: BlockChoice = DEFAULT_KIND,
+    mode: str = "exact",
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     init: str = "preserve",
@@ -49,92 +55,135 @@ def acify(
     min_kernel: int = 3,
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
-    mode: str = "exact",
     layout3d: str = "lines",
 ) -> nn.Module:
-    """Turn every eligible Conv2d, Conv3d and ConvTranspose2d (with the BatchNorm after it) into an ACBlock.
+    """Turn every eligible Conv2d, Conv3d and ConvTranspose2d (with the BatchNorm after it) into a training block.
 
-    Returns a model of the same class (a copy unless ``inplace``); its ``acnet_plan``
-    attribute lists every conv site with the decision taken and why.  ``example_inputs``
-    (run once in eval mode) let convs inside code that torch.fx cannot trace be analysed too.
-    ``mode="fast"`` makes each Conv2d a ``FastACBlock`` instead (one conv per forward, linear
-    branches) and leaves every BatchNorm in place.  ``layout3d`` picks the branches of 3D kernels:
-    ``"lines"`` (Kdx1x1, 1xKhx1, 1x1xKw) or ``"planes"`` (1xKhxKw, Kdx1xKw, KdxKhx1).
+    Returns a model of the same class (a copy unless ``inplace``); its ``acnet_plan`` attribute lists every conv
+    site with the decision taken and why.  ``block`` is a kind (``"acb"``, ``"dbb"``, ``"repvgg"``, ...) or a
+    mapping from qualified-name pattern to kind (first match wins, unmatched convs get ``"acb"``).
+    ``mode="exact"`` builds the paper's blocks (a BatchNorm per branch, absorbing the conv's BatchNorm);
+    ``mode="fast"`` builds their linearised form (one conv per forward, every BatchNorm left in place).
+    ``example_inputs`` (run once in eval mode) let convs inside code that torch.fx cannot trace be analysed too.
+    ``layout3d`` picks ACB's branches of 3D kernels: ``"lines"`` or ``"planes"``.
     """
     _check_model(model, "acify")
     if init not in INITS:
         raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
-    if mode not in MODES:
-        raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     if isinstance(model, BLOCK_CONVS):
         raise ACNetError("acify needs a model that contains convs; wrap a single conv with ACBlock.from_conv")
     report = plan(
-        model, include=include, exclude=exclude, min_kernel=min_kernel, max_kernel=max_kernel,
-        example_inputs=example_inputs, layout3d=layout3d,
+        model, block=block, mode=mode, include=include, exclude=exclude, min_kernel=min_kernel,
+        max_kernel=max_kernel, example_inputs=example_inputs, layout3d=layout3d,
     )  # fmt: skip
     if not inplace:
         model = copy.deepcopy(model)
-    for site in report.converted:
-        conv = model.get_submodule(site.name)
-        if mode == "fast" and type(conv) is not nn.Conv2d:
-            site.action, site.bn, site.layout, site.reason = "skip", None, "", "fast mode converts Conv2d only"
-            continue
-        if mode == "fast":
-            replace_module(model, site.name, FastACBlock.from_conv(conv, init=init, gamma_init=gamma_init))
-            if site.bn:
-                site.bn, site.reason = None, f"fast mode: BatchNorm {site.bn} stays after the block"
-            continue
-        bn = model.get_submodule(site.bn) if site.bn else None
-        block = ACBlock.from_conv(conv, bn, init=init, gamma_init=gamma_init, layout=layout3d)
-        replace_module(model, site.name, block)
-        if site.bn:
-            replace_module(model, site.bn, nn.Identity())
-    setattr(model, PLAN_ATTR, report)
-    untraced = [s.name for s in report.skipped if "example_inputs" in s.reason]
-    if untraced:
-        first = next(iter(report.trace_failures)) or "<root>"
-        warnings.warn(
-            f"torch.fx could not trace {len(report.trace_failures)} module(s) (first: {first}); "
-            f"{len(untraced)} conv(s) there were left unconverted: "
-            f"pass example_inputs=... to acify to analyse them, see model.{PLAN_ATTR}",
-            stacklevel=2,
+    apply_plan(model, report, init=init, gamma_init=gamma_init)
+    if report.trace_failures and example_inputs is None:
+        _warn_untraced(report)
+    return model
+
+
+def apply_plan(model: nn.Module, report: Plan, *, init: str = "preserve", gamma_init: float = 1.0) -> nn.Module:
+    """Build the blocks ``report`` records into ``model`` (in place) without analysing it again; return it.
+
+    Every recorded site is checked against the model first, so a plan that does not fit changes nothing.
+    """
+    located = [_locate_site(model, site) for site in report.converted]
+    for site, (conv, bn) in zip(report.converted, located):
+        block = block_class(site.kind, site.mode).from_conv(
+            conv, bn, init=init, gamma_init=gamma_init, layout=site.layout
         )
+        for name in site.names:
+            replace_module(model, name, block)
+        if bn is not None:
+            identity = nn.Identity()
+            for name in (site.bn, *site.bn_aliases):
+                replace_module(model, name, identity)
+    setattr(model, PLAN_ATTR, report)
     return model
 
 
 def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True) -> nn.Module:
-    """Fuse every ACBlock and FastACBlock into one plain conv; the result computes the same function in eval mode.
+    """Fuse every block into one plain conv; the result computes the same function in eval mode.
 
     With ``check`` each fused conv is compared with its block in float64 on a random
-    input first; a mismatch raises ``ACNetError`` and leaves the model untouched.
+    input first; a mismatch raises ``ACNetError`` and leaves the model untouched.  The
+    deployed model keeps the ``acnet_plan`` it was acified with.
     """
     _check_model(model, "deploy")
-    if isinstance(model, (ACBlock, FastACBlock)):
-        raise ACNetError("deploy needs a model that contains ACBlocks; for a single block call block.fuse()")
-    blocks = {name: m for name, m in model.named_modules() if isinstance(m, (ACBlock, FastACBlock))}
+    if is_block(model):
+        raise ACNetError("deploy needs a model that contains blocks; for a single block call block.fuse()")
+    names: dict[int, list[str]] = {}
+    blocks: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_block(module):
+            names.setdefault(id(module), []).append(name)
+            blocks[id(module)] = module
+    if not blocks:
+        _warn_no_blocks(model)
     fused = {}
-    for name, block in blocks.items():
+    for key, block in blocks.items():
         weight, bias = block.fused_kernel()
-        fused[name] = block.fuse(weight, bias)
+        fused[key] = block.fuse(weight, bias)
         if check:
-            _check_fusion(name, block, fused[name], weight, bias)
+            _check_fusion(names[key][0], block, fused[key], weight, bias)
     if inplace:
-        for name, conv in fused.items():
-            replace_module(model, name, conv)
-    else:
-        model = copy.deepcopy(model, memo={id(blocks[name]): conv for name, conv in fused.items()})
-    model.__dict__.pop(PLAN_ATTR, None)
-    return model
+        for key, conv in fused.items():
+            for name in names[key]:
+                replace_module(model, name, conv)
+        return model
+    return copy.deepcopy(model, memo=dict(fused))
+
+
+def _locate_site(model: nn.Module, site: Site) -> tuple[nn.Module, nn.Module | None]:
+    """The conv (and absorbed BatchNorm) a recorded site names, checked against what was recorded."""
+    conv = _module_at(model, site.names, "conv")
+    if type(conv).__name__ != site.conv_type and not any(c.__name__ == site.conv_type for c in type(conv).__mro__):
+        _misfit(site.name, f"is a {type(conv).__name__}, the record says {site.conv_type}")
+    if tuple(conv.kernel_size) != tuple(site.kernel) or tuple(conv.stride) != tuple(site.stride):
+        _misfit(site.name, f"has kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}; the record says "
+                           f"{tuple(site.kernel)}, {tuple(site.stride)}")  # fmt: skip
+    if conv.groups != site.groups or (conv.bias is not None) != site.conv_bias:
+        _misfit(site.name, "has other groups or bias than recorded")
+    bn = None
+    if site.bn:
+        bn = _module_at(model, [site.bn, *site.bn_aliases], "BatchNorm")
+        if not isinstance(bn, _BatchNorm):
+            _misfit(site.bn, f"is a {type(bn).__name__}, not a BatchNorm")
+    return conv, bn
+
+
+def _module_at(model: nn.Module, names: list[str], what: str) -> nn.Module:
+    """The one module registered under every name in ``names``."""
+    found = []
+    for name in names:
+        try:
+            found.append(model.get_submodule(name))
+        except AttributeError:
+            _misfit(name, f"does not exist (a {what} was recorded there)")
+    if any(module is not found[0] for module in found):
+        _misfit(names[0], f"is no longer the same module as {', '.join(names[1:])}")
+    if is_block(found[0]):
+        _misfit(names[0], "is already a block: apply the plan to the unmodified model")
+    return found[0]
+
+
+def _misfit(name: str, problem: str) -> None:
+    raise ACNetError(
+        f"the recorded plan does not fit this model: {name or '<root>'} {problem}; "
+        "build the model (class and arguments) the plan was recorded for"
+    )
 
 
 def _check_fusion(
     name: str, block: nn.Module, conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor, tolerance: float = 1e-8
 ) -> None:
     """Compare the block with ``conv`` running the fused float64 kernel on a small random float64 input."""
-    k, s, d = block.kernel_size, block.stride, block.dilation
-    pad = resolve_padding(block.padding, k, d)
+    k, s, d = conv.kernel_size, conv.stride, conv.dilation
+    pad = resolve_padding(conv.padding, k, d)
     size = [di * (ki - 1) + 1 + 2 * si + 2 * pi for ki, si, di, pi in zip(k, s, d, pad)]
-    x = torch.randn(1, block.in_channels, *size, dtype=torch.float64, device=weight.device)
+    x = torch.randn(1, conv.in_channels, *size, dtype=torch.float64, device=weight.device)
     state = {n: t.detach().to(torch.float64) for n, t in [*block.named_parameters(), *block.named_buffers()]
              if t.is_floating_point()}  # fmt: skip
     was_training = block.training
@@ -154,6 +203,38 @@ def _check_fusion(
 def _check_model(model: object, what: str) -> None:
     if not isinstance(model, nn.Module):
         raise ACNetError(f"{what} expects a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_block_choice(block: BlockChoice, mode: str) -> None:
+    """Every kind ``block`` names exists in ``mode`` (``ACNetError`` naming the registered ones otherwise)."""
+    if mode not in MODES:
+        raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if isinstance(block, str):
+        block_class(block, mode)
+        return
+    if not isinstance(block, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in block.items()):
+        raise ACNetError(f"block must be a kind or a mapping from name pattern to kind, got {type(block).__name__}")
+    for kind in (*block.values(), DEFAULT_KIND):
+        block_class(kind, mode)
+
+
+def _warn_untraced(report: Plan) -> None:
+    first = next(iter(report.trace_failures)) or "<root>"
+    skipped = sum(1 for s in report.skipped if "example_inputs" in s.reason)
+    alone = sum(1 for s in report.converted if s.evidence == "source")
+    warn(
+        f"torch.fx could not trace {len(report.trace_failures)} module(s) (first: {first}): {skipped} conv(s) there "
+        f"were left unconverted and {alone} converted without their BatchNorm; pass example_inputs=(a batch the "
+        f"model accepts,) to acify to analyse them by running the model once (see model.{PLAN_ATTR})"
+    )
+
+
+def _warn_no_blocks(model: nn.Module) -> None:
+    report = getattr(model, PLAN_ATTR, None)
+    if isinstance(report, Plan) and not report.converted:
+        warn(f"no ACNet blocks found: acify converted no conv of this model (see model.{PLAN_ATTR})")
+    else:
+        warn("no ACNet blocks found: did you use the model acify returned?")
 
 
 def _patterns(patterns: Sequence[str] | str | None) -> list[str] | None:

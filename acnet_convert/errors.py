@@ -1,4 +1,11 @@
-"""Exceptions users can cause."""
+"""Exceptions users can cause, and warnings that point at the user's own line."""
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).parent) + os.sep
 
 
 class ACNetError(Exception):
@@ -7,3 +14,11 @@ class ACNetError(Exception):
 
 class VerificationError(ACNetError):
     """A converted model whose outputs differ from the reference beyond tolerance."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block import INITS, resolve_padding
+from .block import resolve_padding
 from .errors import ACNetError
-from .kernels import Kernel, fold_bn, sum_branches
+from .kernels import Kernel, sum_branches
+from .registry import INITS, ReparamBlock, register_block
 
 
-class FastACBlock(nn.Module):
+class FastACBlock(ReparamBlock):
     """A conv whose KxK kernel is composed, every forward, from scaled KxK, 1xK and Kx1 kernels.
 
     ``kernel = scale_square * weight + row(scale_hor * weight_hor) + column(scale_ver * weight_ver)``
@@ -20,6 +21,26 @@ class FastACBlock(nn.Module):
     BatchNorm after the conv stays in the model, and each forward runs a single conv with the
     original conv's settings.  ``fuse()`` returns that conv as a plain ``nn.Conv2d``.
     """
+
+    kind = "acb"
+    mode = "fast"
+    absorbs_bn = False
+
+    @classmethod
+    def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
+        if type(conv) is not nn.Conv2d:
+            return "fast mode converts Conv2d only"
+        kh, kw = conv.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            return "even kernel side: the branches have no centre line"
+        if kh < 3 or kw < 3:
+            return "fast mode needs both kernel sides >= 3"
+        return ""
+
+    @classmethod
+    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
+        kh, kw = conv.kernel_size
+        return f"{kh}x{kw} + 1x{kw} + {kh}x1 (composed)"
 
     def __init__(
         self,
@@ -43,7 +64,9 @@ class FastACBlock(nn.Module):
         self._build(conv, scale_new=1.0)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, init: str = "preserve", gamma_init: float = 1.0) -> FastACBlock:
+    def from_conv(
+        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = 1.0, layout: str = "lines"
+    ) -> FastACBlock:
         """Wrap an existing conv, keeping its weight and bias (the same Parameter objects).
 
         ``scale_square`` starts at 1 (the square branch is the original conv); ``init="preserve"``
@@ -94,15 +117,20 @@ class FastACBlock(nn.Module):
     def _kernels_and_scales(self) -> tuple[Tensor, ...]:
         return (self.weight, self.weight_hor, self.weight_ver, self.scale_square, self.scale_hor, self.scale_ver)
 
+    def equivalent_kernel(self) -> Kernel:
+        """The composed kernel and the conv's bias (zeros without one), differentiable, in the block's dtype."""
+        bias = self.weight.new_zeros(self.out_channels) if self.bias is None else self.bias
+        return self.composed_weight(), bias
+
     def fused_kernel(self) -> Kernel:
         """The composed kernel and the conv's bias (zeros without one), in float64."""
-        branches = ((self.weight, self.scale_square, self.bias), (self.weight_hor, self.scale_hor, None),
-                    (self.weight_ver, self.scale_ver, None))  # fmt: skip
-        kernels = []
-        for weight, scale, bias in branches:
-            w, b = fold_bn(weight, bias, None)
-            kernels.append((_scaled(w, scale.detach().to(torch.float64)), b))
-        return sum_branches(kernels, self.kernel_size)
+        branches = ((self.weight, self.scale_square), (self.weight_hor, self.scale_hor),
+                    (self.weight_ver, self.scale_ver))  # fmt: skip
+        with torch.no_grad():
+            kernels = [(_scaled(w.double(), s.double()), w.new_zeros(self.out_channels, dtype=torch.float64))
+                       for w, s in branches]  # fmt: skip
+            weight, bias = sum_branches(kernels, self.kernel_size)
+            return weight, bias if self.bias is None else bias + self.bias.double()
 
     def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d``, with a bias only if the original conv had one.
@@ -185,3 +213,6 @@ def _centre_lines(kernel_size: tuple[int, int]) -> tuple[tuple, tuple]:
 def _scaled(weight: Tensor, scale: Tensor) -> Tensor:
     """``weight`` with each output channel multiplied by its entry of ``scale``."""
     return weight * scale.reshape(-1, 1, 1, 1)
+
+
+register_block("acb", FastACBlock)

@@ -1,7 +1,8 @@
 """The ACNet algebra: pure functions on kernels and BatchNorm statistics.
 
-Every function works in float64 and on any number of spatial dimensions
-(kernel layout ``(out, in/groups, *spatial)``), so 2D and 3D blocks share it.
+Every function works in the dtype it is given (float64 for a fusion, the training dtype for a
+differentiable equivalent kernel) and on any number of spatial dimensions (kernel layout
+``(out, in/groups, *spatial)``), so 2D and 3D blocks share it.
 """
 
 from __future__ import annotations
@@ -9,30 +10,30 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-Kernel = tuple[Tensor, Tensor]  # (weight, bias), both float64
+Kernel = tuple[Tensor, Tensor]  # (weight, bias)
 
 
 def fold_bn(
     weight: Tensor, bias: Tensor | None, bn: nn.Module | None, *, transposed: bool = False, groups: int = 1
 ) -> Kernel:
-    """Fold an eval-mode BatchNorm that follows a conv into the conv's kernel and bias.
+    """Fold an eval-mode BatchNorm that follows a conv into the conv's kernel and bias, in ``weight``'s dtype.
 
+    Differentiable in every argument; call it on float64 copies under ``torch.no_grad()`` for a fusion.
     A transposed conv's kernel is laid out ``(in, out/groups, *spatial)``, so its output
     channels are found per group along the second axis.
     """
-    w = weight.detach().to(torch.float64)
+    w = weight
     out_channels = w.shape[1] * groups if transposed else w.shape[0]
-    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device)
-    if bias is not None:
-        b = bias.detach().to(torch.float64)
+    b = w.new_zeros(out_channels) if bias is None else bias.to(w.dtype)
     if bn is None or isinstance(bn, nn.Identity):
         return w, b
-    mean = bn.running_mean.detach().to(torch.float64)
-    std = torch.sqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
-    gamma = torch.ones_like(std) if bn.weight is None else bn.weight.detach().to(torch.float64)
-    beta = torch.zeros_like(std) if bn.bias is None else bn.bias.detach().to(torch.float64)
+    mean = bn.running_mean.to(w.dtype)
+    std = torch.sqrt(bn.running_var.to(w.dtype) + bn.eps)
+    gamma = torch.ones_like(std) if bn.weight is None else bn.weight.to(w.dtype)
+    beta = torch.zeros_like(std) if bn.bias is None else bn.bias.to(w.dtype)
     scale = gamma / std
     spatial = [1] * (w.dim() - 2)
     if transposed:
@@ -61,6 +62,62 @@ def sum_branches(kernels: Iterable[Kernel], spatial: Sequence[int]) -> Kernel:
         if weight is None:
             weight = w.new_zeros(*w.shape[:2], *spatial)
             bias = torch.zeros_like(b)
-        weight[(..., *centre_slices(w.shape[2:], spatial))] += w
-        bias += b
+        weight = weight + embed_centre(w, spatial)
+        bias = bias + b
     return weight, bias
+
+
+def embed_centre(kernel: Tensor, spatial: Sequence[int]) -> Tensor:
+    """``kernel`` zero-padded to spatial size ``spatial``, sitting at its centre (differentiable)."""
+    where = centre_slices(kernel.shape[2:], spatial)
+    pads = [p for s, full in zip(reversed(where), reversed(tuple(spatial))) for p in (s.start, full - s.stop)]
+    return F.pad(kernel, pads)
+
+
+def identity_kernel(
+    out_channels: int, in_channels: int, groups: int, *, dtype: torch.dtype | None = None, device=None
+) -> Tensor:
+    """A 1x1 kernel in which output channel ``i`` of each group copies input channel ``i mod width`` of its group.
+
+    With ``out_channels == in_channels`` it is the identity map of a conv with ``groups`` groups.
+    """
+    width = in_channels // groups
+    per_group = out_channels // groups
+    local = torch.arange(out_channels, device=device) % per_group % width
+    kernel = torch.zeros(out_channels, width, 1, 1, dtype=dtype, device=device)
+    kernel[torch.arange(out_channels, device=device), local] = 1.0
+    return kernel
+
+
+def avg_pool_kernel(
+    channels: int, kernel_size: Sequence[int], groups: int, *, dtype: torch.dtype | None = None, device=None
+) -> Tensor:
+    """The kernel of an average pool over ``kernel_size`` as a conv with ``groups`` groups (zero padding counted)."""
+    taps = 1
+    for side in kernel_size:
+        taps *= side
+    identity = identity_kernel(channels, channels, groups, dtype=dtype, device=device)
+    return identity.expand(*identity.shape[:2], *kernel_size) / taps
+
+
+def compose_1x1_kxk(first: Kernel, second: Kernel, groups: int) -> Kernel:
+    """A 1x1 conv followed by a KxK conv (kernels and biases, both with ``groups`` groups) as one KxK conv.
+
+    Exact when the intermediate is padded with the first conv's bias wherever the KxK conv pads it.
+    """
+    (w1, b1), (w2, b2) = first, second
+    out, mid_width, *spatial = w2.shape
+    w1 = w1.reshape(groups, w1.shape[0] // groups, w1.shape[1])  # (group, mid per group, in per group)
+    w2 = w2.reshape(groups, out // groups, mid_width, *spatial)
+    weight = torch.einsum("gom...,gmi->goi...", w2, w1).reshape(out, w1.shape[2], *spatial)
+    bias = torch.einsum("gom,gm->go", w2.flatten(3).sum(3), b1.reshape(groups, mid_width)).reshape(out)
+    return weight, bias + b2
+
+
+def bn_zero_output(bn: nn.Module, dtype: torch.dtype) -> Tensor:
+    """What an eval-mode BatchNorm outputs, per channel, for a zero input (in ``dtype``)."""
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
+    return shift if bn.bias is None else shift + bn.bias.to(dtype)

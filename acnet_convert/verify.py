@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .block import ACBlock
-from .fast_block import FastACBlock
 from .errors import ACNetError, VerificationError
+from .registry import is_block
 
 
 @dataclass
@@ -40,14 +39,14 @@ def verify(
     """Run both models in eval mode on ``inputs`` and compare every output tensor.
 
     Passes when max |ref - cand| <= rtol * max(1, max |ref|); raises ``VerificationError``
-    otherwise.  With ``layers`` the output of every ACBlock and FastACBlock of ``reference`` is compared
+    otherwise.  With ``layers`` the output of every block of ``reference`` is compared
     with the module of the same name in ``candidate``.
     """
     if not inputs:
         raise ACNetError("verify needs at least one example input, e.g. verify(ref, cand, torch.randn(1, 3, 224, 224))")
     ref_layers: dict[str, list[Tensor]] = {}
     cand_layers: dict[str, list[Tensor]] = {}
-    names = [n for n, m in reference.named_modules() if isinstance(m, (ACBlock, FastACBlock))] if layers else []
+    names = [n for n, m in reference.named_modules() if is_block(m)] if layers else []
     with _eval(reference), _eval(candidate), torch.no_grad():
         with _record(reference, names, ref_layers):
             want = reference(*inputs)

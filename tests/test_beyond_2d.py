@@ -90,12 +90,12 @@ def test_transposed_blocks_deploy_exactly(case, dtype):
 def test_3d_branch_layouts_and_report():
     model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.Conv3d(4, 4, (1, 3, 3)), nn.Conv3d(4, 4, (3, 1, 1)))
     lines = {s.name: s for s in plan(model).sites}
-    assert lines["0"].layout == "3x3x3 + 3x1x1 + 1x3x1 + 1x1x3" and lines["0"].bn == "1"
-    assert lines["2"].layout == "1x3x3 + 1x3x1 + 1x1x3", "sides of 1 get no line"
+    assert lines["0"].branches == "3x3x3 + 3x1x1 + 1x3x1 + 1x1x3" and lines["0"].bn == "1"
+    assert lines["2"].branches == "1x3x3 + 1x3x1 + 1x1x3", "sides of 1 get no line"
     assert lines["3"].action == "skip" and "at least two kernel sides" in lines["3"].reason
     planes = {s.name: s for s in plan(model, layout3d="planes").sites}
-    assert planes["0"].layout == "3x3x3 + 1x3x3 + 3x1x3 + 3x3x1"
-    assert planes["2"].layout == lines["2"].layout, "planes need every side >= 3; others keep lines"
+    assert planes["0"].branches == "3x3x3 + 1x3x3 + 3x1x3 + 3x3x1"
+    assert planes["2"].branches == lines["2"].branches, "planes need every side >= 3; others keep lines"
     block = acify(model, layout3d="planes")[0]
     assert set(block.branches) == {"square", "plane_hw", "plane_dw", "plane_dh"}
     assert isinstance(block.branches["plane_hw"].bn, nn.BatchNorm3d)

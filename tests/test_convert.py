@@ -99,15 +99,18 @@ def test_acify_is_idempotent():
     assert sum(isinstance(m, ACBlock) for m in twice.modules()) == 2
 
 
-def test_deploy_of_a_plain_model_changes_nothing():
+def test_deploy_of_a_plain_model_changes_nothing_and_warns_at_the_callers_line():
     model = Net()
-    deployed = deploy(model)
+    with pytest.warns(UserWarning, match="no ACNet blocks found: did you use the model acify returned") as caught:
+        deployed = deploy(model)
+    assert caught[0].filename == __file__
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), deployed.state_dict().values()))
     assert [type(m) for m in model.modules()] == [type(m) for m in deployed.modules()]
 
 
-def test_deployed_model_drops_the_plan_attribute():
-    assert not hasattr(deploy(acify(Net())), "acnet_plan")
+def test_deployed_model_keeps_the_plan_it_was_acified_with():
+    acified = acify(Net())
+    assert deploy(acified).acnet_plan.to_dict() == acified.acnet_plan.to_dict()
 
 
 class CalledTwice(nn.Module):
@@ -296,10 +299,15 @@ def test_conv_with_hooks_is_skipped_and_bn_with_hooks_is_not_absorbed():
     assert "hooks" in site(plan(model), "conv").reason
 
 
-def test_shared_conv_registered_twice_is_skipped():
-    model = Net()
-    model.alias = model.conv1
-    assert "several names" in site(plan(model), "conv1").reason
+class CalledTwiceUnderTwoNames(CalledTwice):
+    def __init__(self):
+        super().__init__()
+        self.alias = self.conv
+
+
+def test_conv_registered_twice_and_called_twice_is_skipped():
+    s = site(plan(CalledTwiceUnderTwoNames()), "conv")
+    assert s.action == "skip" and s.reason == "registered under several names and called 2 times per forward"
 
 
 def test_include_and_exclude_patterns():
@@ -347,7 +355,7 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_model_is_analysed_part_by_part():
-    with pytest.warns(UserWarning, match="2 conv.s. there were left unconverted: pass example_inputs"):
+    with pytest.warns(UserWarning, match="2 conv.s. there were left unconverted and 1 converted without their BatchNorm; pass example_inputs="):
         acified = acify(Untraceable())
     p = acified.acnet_plan
     assert "" in p.trace_failures

@@ -23,7 +23,7 @@ def test_fold_bn_without_affine_or_bias():
     bn = nn.BatchNorm2d(2, affine=False)
     bn.running_mean.fill_(1.0)
     bn.running_var.fill_(4.0)
-    w, b = fold_bn(torch.ones(2, 1, 3, 3), None, bn)
+    w, b = fold_bn(torch.ones(2, 1, 3, 3, dtype=torch.float64), None, bn.double())
     scale = 1 / (4.0 + bn.eps) ** 0.5
     torch.testing.assert_close(w, torch.full((2, 1, 3, 3), scale, dtype=torch.float64), rtol=0, atol=1e-15)
     torch.testing.assert_close(b, torch.full((2,), -scale, dtype=torch.float64), rtol=0, atol=1e-15)
