@@ -1,0 +1,291 @@
+"""The Diverse Branch Block (DBB, "ACNet v2"): KxK + 1x1 + 1x1-average-pool + 1x1-KxK branches, exact and fast.
+
+Every branch folds into the KxK kernel: a BatchNorm into the conv before it, a 1x1 conv followed by a
+KxK conv or average pool into one KxK kernel (``compose_1x1_kxk``, exact because the 1x1 output is padded
+with the value its BatchNorm gives a zero input), an average pool into a constant kernel
+(``avg_pool_kernel``), a 1x1 kernel into the centre of the KxK one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .block import ACBranch
+from .kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, embed_centre, fold_bn, \
+    identity_kernel, sum_branches  # fmt: skip
+from .registry import ReparamBlock, register_block
+from .repvgg_block import (
+    check_conv, conv_padding, copy_settings, fast_conv, fused_conv, new_bn, pad_like_conv, plain_conv_problem,
+    pointwise_branch, scaled, set_affine, settings_repr,
+)  # fmt: skip
+
+
+def dbb_problem(conv: nn.Module) -> str:
+    """Why a Diverse Branch Block cannot wrap ``conv``, or '' when it can."""
+    problem = plain_conv_problem(conv)
+    if not problem and any(d != 1 for d in conv.dilation):
+        problem = "dilation > 1: the average-pool branch has no dilated form"
+    return problem
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """Whether ``conv`` maps each channel to itself alone (groups == in == out channels): no 1x1 branch then."""
+    return conv.groups == conv.in_channels == conv.out_channels
+
+
+def inner_width(conv: nn.Module) -> int:
+    """The width of the 1x1-KxK branch between its two convs: in_channels, twice that for a depthwise conv."""
+    return conv.in_channels * (2 if is_depthwise(conv) else 1)
+
+
+def describe_dbb(conv: nn.Module) -> str:
+    """The branches of a DBB around ``conv`` as text, e.g. ``3x3 + 1x1 + 1x1-avg + 1x1-3x3``."""
+    square = "x".join(map(str, conv.kernel_size))
+    if is_depthwise(conv):
+        return f"{square} + avg + 1x1-{square}"
+    return f"{square} + 1x1 + 1x1-avg + 1x1-{square}"
+
+
+class ComposedBranch(nn.Module):
+    """An optional 1x1 conv with its BatchNorm, padded as the full conv pads its input, then a KxK conv or average
+    pool and a BatchNorm.
+
+    Zero padding of the 1x1 output uses what its BatchNorm outputs for a zero input (from the running
+    statistics, in training too), which is what the fused conv sees through its zero-padded input.
+    """
+
+    def __init__(
+        self, first: nn.Conv2d | None, first_bn: nn.Module | None, second: nn.Module, bn: nn.Module,
+        conv: nn.Conv2d,
+    ):
+        super().__init__()
+        self.first, self.first_bn, self.second, self.bn = first, first_bn, second, bn
+        self.padding, self.padding_mode, self.groups = conv_padding(conv), conv.padding_mode, conv.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        value = None
+        if self.first is not None:
+            x = self.first_bn(self.first(x))
+            value = bn_zero_output(self.first_bn, x.dtype)
+        return self.bn(self.second(pad_like_conv(x, self.padding, self.padding_mode, value)))
+
+    def second_weight(self, dtype: torch.dtype) -> Tensor:
+        """The KxK kernel of the conv or average pool after the 1x1."""
+        if isinstance(self.second, nn.Conv2d):
+            return self.second.weight.to(dtype)
+        ref = self.bn.running_mean
+        channels = ref.shape[0]
+        return avg_pool_kernel(channels, self.second.kernel_size, self.groups, dtype=dtype, device=ref.device)
+
+    def kernel(self, dtype: torch.dtype) -> Kernel:
+        """This branch's KxK kernel and bias with its BatchNorms folded in."""
+        second = self.second_weight(dtype)
+        bias = second.new_zeros(second.shape[0])
+        if self.first is not None:
+            first = fold_bn(self.first.weight.to(dtype), None, self.first_bn)
+            second, bias = compose_1x1_kxk(first, (second, bias), self.groups)
+        return fold_bn(second, bias, self.bn)
+
+
+class DBBlock(ReparamBlock):
+    """The Diverse Branch Block: KxK-BN + 1x1-BN + 1x1-BN-avgpool-BN + 1x1-BN-KxK-BN, outputs summed.
+
+    A depthwise conv (groups == in == out) gets no 1x1 branch, an average pool straight on the input and
+    a 1x1-KxK branch twice as wide as its input.  Any padding and padding mode; no dilation.
+    """
+
+    kind = "dbb"
+    mode = "exact"
+    absorbs_bn = True
+
+    @classmethod
+    def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return dbb_problem(conv)
+
+    @classmethod
+    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return describe_dbb(conv)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = 1.0,
+        layout: str = "lines",
+    ) -> DBBlock:
+        """Wrap ``conv`` and the BatchNorm after it (kept as they are) and add the three new branches.
+
+        The 1x1 of the 1x1-KxK branch starts as the identity (each inner channel a copy of an input channel).
+        ``init="preserve"``: each new branch's last BatchNorm starts with gamma = beta = 0 (eval output
+        unchanged); ``init="scratch"``: those gammas and the absorbed BatchNorm's start at ``gamma_init``.
+        """
+        check_conv(cls, conv, init)
+        block = cls()
+        copy_settings(block, conv)
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        branches = {"square": ACBranch(conv, bn if bn is not None else nn.Identity(), (0, 0))}
+        if not is_depthwise(conv):
+            branches["pointwise"] = pointwise_branch(conv, new_bn(bn, conv.out_channels, **factory), **factory)
+        branches["avg"] = _avg_branch(conv, bn, **factory)
+        branches["pointwise_kxk"] = _pointwise_kxk_branch(conv, bn, **factory)
+        block.branches = nn.ModuleDict(branches)
+        for name, branch in branches.items():
+            if name != "square":
+                set_affine(branch.bn, 0.0 if init == "preserve" else gamma_init, 0.0)
+        if init == "scratch" and bn is not None:
+            set_affine(bn, gamma_init)
+        block.train(conv.training)
+        return block
+
+    def forward(self, x: Tensor) -> Tensor:
+        branches = iter(self.branches.values())
+        out = next(branches)(x)
+        for branch in branches:
+            out = out + branch(x)
+        return out
+
+    def _kernel(self, dtype: torch.dtype) -> Kernel:
+        return sum_branches((branch.kernel(dtype) for branch in self.branches.values()), self.kernel_size)
+
+    def equivalent_kernel(self) -> Kernel:
+        """The kernel and bias of the single conv this block equals in eval mode (differentiable, its dtype)."""
+        return self._kernel(self.branches["square"].conv.weight.dtype)
+
+    def fused_kernel(self) -> Kernel:
+        """``equivalent_kernel`` in float64, detached."""
+        with torch.no_grad():
+            return self._kernel(torch.float64)
+
+    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d`` (with bias), or one holding the given ``weight`` and ``bias``."""
+        if weight is None or bias is None:
+            weight, bias = self.fused_kernel()
+        return fused_conv(self, weight, bias, self.branches["square"].conv.weight)
+
+    def extra_repr(self) -> str:
+        return settings_repr(self)
+
+
+def _avg_branch(conv: nn.Conv2d, bn: nn.Module | None, **factory) -> ComposedBranch:
+    """The average-pool branch: 1x1-BN (none for a depthwise conv), KxK average pool with the conv's stride, BN."""
+    first = first_bn = None
+    if not is_depthwise(conv):
+        first = nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups, bias=False, **factory)
+        first_bn = new_bn(bn, conv.out_channels, **factory)
+    pool = nn.AvgPool2d(conv.kernel_size, conv.stride, 0)
+    return ComposedBranch(first, first_bn, pool, new_bn(bn, conv.out_channels, **factory), conv)
+
+
+def _pointwise_kxk_branch(conv: nn.Conv2d, bn: nn.Module | None, **factory) -> ComposedBranch:
+    """The 1x1-BN-KxK-BN branch, its 1x1 starting as the identity."""
+    width = inner_width(conv)
+    first = nn.Conv2d(conv.in_channels, width, 1, groups=conv.groups, bias=False, **factory)
+    with torch.no_grad():
+        first.weight.copy_(identity_kernel(width, conv.in_channels, conv.groups, **factory))
+    second = nn.Conv2d(width, conv.out_channels, conv.kernel_size, conv.stride, 0, groups=conv.groups, bias=False,
+                       **factory)  # fmt: skip
+    return ComposedBranch(first, new_bn(bn, width, **factory), second, new_bn(bn, conv.out_channels, **factory), conv)
+
+
+class FastDBBlock(ReparamBlock):
+    """DBB linearised: one conv whose kernel is composed, every forward, from the scaled branch kernels.
+
+    ``kernel = s_square * weight + centre(s_1x1 * weight_1x1) + s_avg * (weight_avg then average pool)
+    + s_kxk * (weight_inner then weight_outer)``, one learnable scale per output channel and branch; no
+    BatchNorm inside (the one after the conv stays in the model) and the conv's own bias, if any, is kept.
+    """
+
+    kind = "dbb"
+    mode = "fast"
+    absorbs_bn = False
+
+    @classmethod
+    def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return dbb_problem(conv)
+
+    @classmethod
+    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return describe_dbb(conv) + " (composed)"
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = 1.0,
+        layout: str = "lines",
+    ) -> FastDBBlock:
+        """Wrap ``conv`` (its weight and bias Parameters kept); new scales start at 0 (preserve) or ``gamma_init``.
+
+        New kernels start as in exact mode: PyTorch's default, the 1x1 before the inner KxK as the identity.
+        """
+        check_conv(cls, conv, init)
+        block = cls()
+        copy_settings(block, conv)
+        block.explicit_padding = conv_padding(conv)
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        block.weight = conv.weight
+        block.register_parameter("bias", conv.bias)
+        pointwise = not is_depthwise(conv)
+        block.register_parameter("weight_1x1", _conv_weight(conv, conv.out_channels, 1, **factory) if pointwise else None)
+        block.register_parameter("weight_avg", _conv_weight(conv, conv.out_channels, 1, **factory) if pointwise else None)
+        width = inner_width(conv)
+        block.weight_inner = nn.Parameter(identity_kernel(width, conv.in_channels, conv.groups, **factory))
+        block.weight_outer = nn.Conv2d(width, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=False,
+                                       **factory).weight  # fmt: skip
+        scale_new = 0.0 if init == "preserve" else gamma_init
+        block.scale_square = nn.Parameter(torch.ones(conv.out_channels, **factory))
+        for name in ("scale_1x1", "scale_avg", "scale_kxk"):
+            scale = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
+            block.register_parameter(name, scale if pointwise or name != "scale_1x1" else None)
+        block.train(conv.training)
+        return block
+
+    def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
+        dtype = dtype or self.weight.dtype
+        avg = avg_pool_kernel(self.out_channels, self.kernel_size, self.groups, dtype=dtype, device=self.weight.device)
+        if self.weight_avg is not None:
+            avg = _compose(self.weight_avg.to(dtype), avg, self.groups)
+        kxk = _compose(self.weight_inner.to(dtype), self.weight_outer.to(dtype), self.groups)
+        kernel = scaled(self.weight.to(dtype), self.scale_square.to(dtype)) + scaled(avg, self.scale_avg.to(dtype)) \
+            + scaled(kxk, self.scale_kxk.to(dtype))  # fmt: skip
+        if self.weight_1x1 is not None:
+            kernel = kernel + embed_centre(scaled(self.weight_1x1.to(dtype), self.scale_1x1.to(dtype)), self.kernel_size)
+        return kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_conv(self, x, self.composed_weight(), self.bias)
+
+    def _kernel(self, dtype: torch.dtype) -> Kernel:
+        bias = self.weight.new_zeros(self.out_channels, dtype=dtype) if self.bias is None else self.bias.to(dtype)
+        return self.composed_weight(dtype), bias
+
+    def equivalent_kernel(self) -> Kernel:
+        """The composed kernel and the conv's bias (zeros without one), differentiable, in the block's dtype."""
+        return self._kernel(self.weight.dtype)
+
+    def fused_kernel(self) -> Kernel:
+        """``equivalent_kernel`` in float64, detached."""
+        with torch.no_grad():
+            return self._kernel(torch.float64)
+
+    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d``, with a bias only if the original conv had one."""
+        if weight is None or bias is None:
+            weight, bias = self.fused_kernel()
+        return fused_conv(self, weight, None if self.bias is None else bias, self.weight)
+
+    def extra_repr(self) -> str:
+        return settings_repr(self) + f", bias={self.bias is not None}"
+
+
+def _conv_weight(conv: nn.Conv2d, out_channels: int, kernel_size: int, **factory) -> nn.Parameter:
+    """A kernel from ``conv``'s inputs to ``out_channels``, initialised as PyTorch initialises a conv's."""
+    return nn.Conv2d(conv.in_channels, out_channels, kernel_size, groups=conv.groups, bias=False, **factory).weight
+
+
+def _compose(first: Tensor, second: Tensor, groups: int) -> Tensor:
+    """The KxK kernel of a bias-free 1x1 conv followed by a bias-free KxK conv."""
+    zeros = first.new_zeros
+    return compose_1x1_kxk((first, zeros(first.shape[0])), (second, zeros(second.shape[0])), groups)[0]
+
+
+register_block("dbb", DBBlock)
+register_block("dbb", FastDBBlock)
