@@ -14,6 +14,7 @@ from .convert import acify, deploy, plan
 from .errors import ACNetError, VerificationError
 from .fast_block import FastACBlock
 from .graph import Plan, Site
+from .quant import QuantReport, quant_report
 from .training import ACNetTraining, acnet_model, save_weights
 from .verify import VerifyResult, verify
 
@@ -33,6 +34,7 @@ __all__ = [
     "ACNetTraining",
     "FastACBlock",
     "Plan",
+    "QuantReport",
     "Site",
     "VerificationError",
     "VerifyResult",
@@ -40,6 +42,7 @@ __all__ = [
     "acnet_model",
     "deploy",
     "plan",
+    "quant_report",
     "save_weights",
     "verify",
     "__version__",
