@@ -4,20 +4,24 @@ Weights are quantised here with symmetric max-abs scaling, the scheme of most IN
 ``Q = 2**(b-1) - 1``, ``s = max|w| / Q`` (over the whole tensor, or over each output channel) and
 ``q(w) = clamp(round(w / s), -Q, Q) * s``; ``SQNR = 10 log10(sum w^2 / sum (w - q(w))^2)`` in dB, capped at
 ``SQNR_CAP_DB`` (an exact representation, e.g. an all-zero weight), so every figure is a finite float.
+The weight measured is the one a quantiser sees: a BatchNorm that alone consumes a layer's output is folded in
+first, as PyTorch's FX quantisation and ONNX exporters do.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ACNetError
-from .ptq import PTQResult, static_int8_ptq
+from .ptq import PTQResult, _first_line, static_int8_ptq
 from .verify import _eval
 
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -58,6 +62,7 @@ class LayerReport:
     name: str
     type: str
     shape: list[int]
+    bn: str | None  # the BatchNorm folded into the weight before measuring, if any
     figures: WeightFigures
     reference: WeightFigures | None
     flagged: bool
@@ -67,7 +72,7 @@ class LayerReport:
     def to_dict(self) -> dict:
         """The layer's figures flat beside its name, verdict and the reference's figures (or None)."""
         reference = self.reference.to_dict() if self.reference else None
-        head = {"name": self.name, "type": self.type, "shape": list(self.shape)}
+        head = {"name": self.name, "type": self.type, "shape": list(self.shape), "bn": self.bn}
         verdict = {"flagged": self.flagged, "reason": self.reason, "advice": self.advice, "reference": reference}
         return {**head, **self.figures.to_dict(), **verdict}
 
@@ -178,8 +183,9 @@ def quant_report(
     """
     bits = _check_bits(bits)
     threshold = DEFAULT_THRESHOLD_DB - DB_PER_BIT * (8 - bits[0]) if threshold_db is None else float(threshold_db)
-    layers = _layers(model, "model")
+    layers, bns = _layers(model, "model"), _batchnorms(model)
     ref_layers = _layers(reference, "reference") if reference is not None else {}
+    ref_bns = _batchnorms(reference) if reference is not None else {}
     if reference is not None and not ref_layers.keys() & layers.keys():
         raise ACNetError(
             "reference shares no layer names with model: pass the same architecture before conversion "
@@ -190,25 +196,32 @@ def quant_report(
     ref_ranges = _activation_ranges(reference, ref_layers, inputs) if inputs and reference is not None else {}
     report = QuantReport([], bits, threshold, float(margin_db))
     for name, module in layers.items():
-        figures = weight_figures(module, bits, ranges.get(name))
-        ref = weight_figures(ref_layers[name], bits, ref_ranges.get(name)) if name in ref_layers else None
+        figures = weight_figures(module, bits, ranges.get(name), _folded(model, bns, name))
+        ref = None
+        if name in ref_layers:
+            ref = weight_figures(ref_layers[name], bits, ref_ranges.get(name), _folded(reference, ref_bns, name))
         flagged, reason, advice = _judge(figures, ref, report.key, threshold, report.margin_db)
-        shape = list(module.weight.shape)
-        report.layers.append(LayerReport(name, type(module).__name__, shape, figures, ref, flagged, reason, advice))
+        shape, kind = list(module.weight.shape), type(module).__name__
+        report.layers.append(LayerReport(name, kind, shape, bns.get(name), figures, ref, flagged, reason, advice))
     if inputs and ptq:
         report.ptq = static_int8_ptq(model, inputs)
         report.reference_ptq = static_int8_ptq(reference, inputs) if reference is not None else None
     return report
 
 
-def weight_figures(module: nn.Module, bits: tuple[int, ...], activation: dict | None = None) -> WeightFigures:
-    """The outlier, centre-energy and SQNR figures of one conv or linear layer's weight."""
+def weight_figures(
+    module: nn.Module, bits: tuple[int, ...], activation: dict | None = None, bn: nn.Module | None = None
+) -> WeightFigures:
+    """The outlier, centre-energy and SQNR figures of one conv or linear layer's weight, ``bn`` folded in."""
     w = module.weight.detach().to("cpu", torch.float64)
     rows = _output_channels(module, w)
-    peak, std = w.abs().max().item(), w.std(correction=0).item()
+    if bn is not None:
+        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+        rows = rows * (gamma.double().cpu() / (bn.running_var.double().cpu() + bn.eps).sqrt())[:, None]
+    peak, std = rows.abs().max().item(), rows.std(correction=0).item()
     channel_peaks = rows.abs().amax(1)
     median = channel_peaks.median().item()
-    cross, tap = _centre_energy(w)
+    cross, tap = _centre_energy(rows.reshape(rows.shape[0], -1, *w.shape[2:]))
     sqnr = {
         f"int{b}": {"per_tensor": sqnr_db(rows, peak, b), "per_channel": sqnr_db(rows, channel_peaks[:, None], b)}
         for b in bits
@@ -277,6 +290,36 @@ def _layers(model: nn.Module, what: str) -> dict[str, nn.Module]:
     if not layers:
         raise ACNetError(f"{what} has no conv or linear layer to report on: pass the network, not a part without any")
     return layers
+
+
+def _batchnorms(model: nn.Module) -> dict[str, str]:
+    """For each conv or linear layer whose output only a BatchNorm (with running statistics) reads, that BatchNorm."""
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return {}
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # torch.fx raises many types for code it cannot trace
+        warnings.warn(
+            f"torch.fx cannot trace {type(model).__name__} ({_first_line(exc)}): quant_report measures its conv "
+            "weights without folding in the BatchNorms after them; measure a traceable model for the folded figures",
+            stacklevel=3,
+        )
+        return {}
+    modules = dict(model.named_modules())
+    found = {}
+    for node in graph.nodes:
+        users = list(node.users)
+        if node.op != "call_module" or not isinstance(modules.get(node.target), LAYERS) or len(users) != 1:
+            continue
+        bn = modules.get(users[0].target) if users[0].op == "call_module" else None
+        if isinstance(bn, _BatchNorm) and bn.running_var is not None:
+            found[node.target] = users[0].target
+    return found
+
+
+def _folded(model: nn.Module, bns: dict[str, str], name: str) -> nn.Module | None:
+    """The BatchNorm to fold into layer ``name`` of ``model``, if ``bns`` has one."""
+    return model.get_submodule(bns[name]) if name in bns else None
 
 
 def _check_bits(bits) -> tuple[int, ...]:

@@ -33,6 +33,18 @@ A = 0.1  # half-width of the uniform weights
 OUTLIER = 50 * A
 
 
+class Branchy(nn.Module):
+    """A conv net whose forward branches on a tensor value, which torch.fx cannot trace."""
+
+    def __init__(self, bn: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if x.sum() > 0 else -self.conv(x)
+
+
 def uniform_conv(cout: int = 64, cin: int = 64) -> nn.Conv2d:
     """A 3x3 conv whose weights are uniform on [-A, A]."""
     conv = nn.Conv2d(cin, cout, 3, bias=False)
@@ -110,6 +122,27 @@ def test_transposed_conv_channels_are_its_output_channels():
     assert figures.channel_spread == pytest.approx(10.0)  # channel peaks 1, 1, 1, 1, 10, 1: max over median
     assert figures.sqnr_db["int8"]["per_channel"] == SQNR_CAP_DB  # every channel is constant: exact
     assert figures.sqnr_db["int8"]["per_tensor"] < 60  # 1.0 is not on the grid of step 10 / 127
+
+
+def test_a_batchnorm_after_a_layer_is_folded_in_first():
+    conv, bn = uniform_conv(8, 4), nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.logspace(-1, 1, 8))
+        bn.running_var.uniform_(0.5, 2.0)
+    folded = nn.Conv2d(4, 8, 3, bias=False)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * (bn.weight / (bn.running_var + bn.eps).sqrt())[:, None, None, None])
+    with_bn = quant_report(nn.Sequential(conv, bn)).layers[0]
+    assert with_bn.bn == "1"
+    want, got = quant_report(nn.Sequential(folded)).layers[0].figures.to_dict(), with_bn.figures.to_dict()
+    for key in ("max_over_std", "channel_spread", "centre_cross_energy", "centre_tap_energy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5)  # folded here in float64, there in float32: 1e-5
+    for bits in ("int8", "int4"):
+        assert got["sqnr_db"][bits] == pytest.approx(want["sqnr_db"][bits], abs=0.05)  # 0.05 dB, float32 rounding
+    assert with_bn.figures.channel_spread > 5  # gamma spans 100x: the raw conv's spread (~1) would hide it
+    with pytest.warns(UserWarning, match="cannot trace Branchy.*without folding"):
+        layer = quant_report(Branchy(bn=True)).layers[0]
+    assert layer.bn is None
 
 
 def net() -> nn.Sequential:
@@ -192,17 +225,6 @@ def test_missing_quantized_engine_fails_loudly(monkeypatch):
     assert quant_report(net(), inputs=torch.randn(2, 3, 8, 8), ptq=False).ptq is None  # the fix it names works
 
 
-class Branchy(nn.Module):
-    """A conv net whose forward branches on a tensor value, which torch.fx cannot trace."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-
-    def forward(self, x):
-        return self.conv(x) if x.sum() > 0 else -self.conv(x)
-
-
 def test_untraceable_model_fails_loudly():
     with pytest.raises(ACNetError, match=r"^ptq: torch.fx cannot trace Branchy") as err:
         quant_report(Branchy(), inputs=torch.randn(2, 3, 8, 8))
@@ -217,7 +239,7 @@ def test_to_dict_round_trips_through_json(ptq_report):
         assert json.loads(json.dumps(record, allow_nan=False)) == record
         assert {"layers", "ptq", "bits", "threshold_db", "flag_rule", "summary"} <= record.keys()
         for layer in record["layers"]:
-            keys = {"name", "sqnr_db", "max_over_std", "centre_cross_energy", "flagged", "advice", "reference"}
+            keys = {"name", "bn", "sqnr_db", "max_over_std", "centre_cross_energy", "flagged", "advice", "reference"}
             assert keys <= layer.keys()
             assert set(layer["sqnr_db"]) == {"int8", "int4"}
             assert all(set(v) == {"per_tensor", "per_channel"} for v in layer["sqnr_db"].values())
