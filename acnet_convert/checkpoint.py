@@ -1,4 +1,4 @@
-"""Checkpoint files: safe reading, atomic writing, strict loading, and the ``original`` deployed layout."""
+"""Checkpoint files: safe reading, atomic writing, metadata (with the recorded plan), strict loading."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from torch import Tensor, nn
 
 from . import __version__
 from .errors import ACNetError
-from .graph import Plan, Site
+from .graph import Plan
 
 FORMATS = ("acified", "plain", "original")  # what a checkpoint holds; the "acnet.format" metadata entry
 WRAPPERS = ("state_dict", "model")  # {"state_dict": ...} / {"model": ...} checkpoints are unwrapped
 PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel / torch.compile; stripped when on every key
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
 _META = "acnet."
+_PT_METADATA = "acnet"  # the entry of a .pt file's top-level dict that holds the metadata
 _LISTED = 3  # keys named per problem in a mismatch message
 
 
@@ -38,26 +39,33 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def get(self, key: str, default: object = None) -> object:
-        """One metadata entry (``format``, ``spec``, ``args``, ``options``, ``input_shape``, ``version``)."""
+        """One metadata entry (``format``, ``plan``, ``model``, ``spec``, ``args``, ``options``, ``input_shape``,
+        ``version``)."""
         text = self.metadata.get(_META + key)
-        return default if text is None else json.loads(text)
+        try:
+            return default if text is None else json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ACNetError(f"the {key!r} metadata of this checkpoint is damaged ({exc}): write it again") from exc
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan recorded in the file, or None (files written before plans were recorded, foreign files)."""
+        recorded = self.get("plan")
+        return None if recorded is None else Plan.from_dict(recorded)
 
 
-def describe(
-    fmt: str, spec: str, args: tuple[str, ...], options: Mapping, input_shape: tuple[int, ...]
-) -> dict[str, str]:
-    """The metadata written with a checkpoint: enough to rebuild its structure later."""
+def metadata(fmt: str, plan: Plan | None = None, **entries: object) -> dict[str, str]:
+    """The metadata written with a checkpoint: its format, the plan that defines its structure, and ``entries``
+    (``model``: the class; from the command line also ``spec``, ``args``, ``options``, ``input_shape``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
-    entries = {
-        "format": fmt,
-        "spec": spec,
-        "args": list(args),
-        "options": dict(options),
-        "input_shape": list(input_shape),
-        "version": __version__,
-    }
-    return {_META + key: json.dumps(value) for key, value in entries.items()}
+    recorded = {"format": fmt, **({"plan": plan.to_dict()} if plan is not None else {}), **entries}
+    recorded["version"] = __version__
+    return {_META + key: json.dumps(_jsonable(value)) for key, value in recorded.items() if value is not None}
+
+
+def _jsonable(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def read(path: str | Path) -> Checkpoint:
@@ -106,7 +114,10 @@ def _read_torch(path: Path) -> Checkpoint:
         ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, ... on truncated or foreign files
         raise _unreadable(path, _first_line(exc)) from exc
-    return Checkpoint(_strip_prefixes(_unwrap(obj, path)))
+    recorded = obj.get(_PT_METADATA) if isinstance(obj, Mapping) else None
+    if not isinstance(recorded, Mapping) or not all(isinstance(v, str) for v in recorded.values()):
+        recorded = {}
+    return Checkpoint(_strip_prefixes(_unwrap(obj, path)), {k: v for k, v in recorded.items() if k.startswith(_META)})
 
 
 def _unreadable(path: Path, reason: str) -> ACNetError:
@@ -194,7 +205,11 @@ def write(
     *,
     force: bool = False,
 ) -> Path:
-    """Write a state_dict atomically: safetensors (with metadata) or a plain ``.pt`` state_dict (without)."""
+    """Write a state_dict atomically, as safetensors (with ``metadata``) or with ``torch.save``.
+
+    A ``.pt`` file with metadata holds ``{"state_dict": ..., "acnet": metadata}``; an ``original``-format
+    ``.pt`` file is a bare state_dict, so that deployment code loads it with ``torch.load`` alone.
+    """
     path = Path(path)
     kind = file_kind(path)
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, Tensor)]
@@ -203,7 +218,8 @@ def write(
     state = {key: value.detach().cpu() for key, value in state_dict.items()}
     with atomic_output(path, force=force) as tmp:
         if kind == "torch":
-            torch.save(state, tmp)
+            bare = not metadata or json.loads(metadata.get(_META + "format", "null")) == "original"
+            torch.save(state if bare else {"state_dict": state, _PT_METADATA: dict(metadata)}, tmp)
         else:
             safetensors.torch.save_file(_unshared(state), tmp, metadata={"format": "pt", **(metadata or {})})
     return path
@@ -243,60 +259,6 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: s
 def _listing(what: str, keys: list[str]) -> str:
     more = f" and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
     return f"{len(keys)} {what} ({', '.join(keys[:_LISTED])}{more})"
-
-
-def original_state_dict(original: nn.Module, deployed: nn.Module, plan: Plan) -> dict[str, Tensor]:
-    """The deployed weights laid out for the unmodified ``original`` model.
-
-    Each fused conv's weight goes into the original conv; its bias goes into the conv's own bias
-    if it has one, else into the absorbed BatchNorm, which is set to an exact identity plus that bias.
-    """
-    if any(site.action == "done" for site in plan.sites):
-        raise ACNetError(
-            "the original model already contains ACBlocks, which no plain conv can hold: use --format plain"
-        )
-    state: dict[str, Tensor] = {}
-    for site in plan.converted:
-        state.update(_site_state(site, original, deployed))
-    deployed_state = deployed.state_dict()
-    for key in original.state_dict():
-        if key not in state:
-            if key not in deployed_state:
-                raise ACNetError(f"the deployed model has no {key}: it was not deployed from this original model")
-            state[key] = deployed_state[key]
-    return state
-
-
-def _site_state(site: Site, original: nn.Module, deployed: nn.Module) -> dict[str, Tensor]:
-    fused, conv = deployed.get_submodule(site.name), original.get_submodule(site.name)
-    bias = torch.zeros(fused.out_channels) if fused.bias is None else fused.bias.detach()
-    state = {f"{site.name}.weight": fused.weight.detach().to(conv.weight.dtype)}
-    if conv.bias is not None:
-        state[f"{site.name}.bias"] = bias.to(conv.bias.dtype)
-        bias = torch.zeros_like(bias)
-    if site.bn:
-        state.update(_identity_bn(site.bn, original.get_submodule(site.bn), bias))
-    elif bias.any():
-        raise ACNetError(
-            f"conv {site.name} has no bias and no BatchNorm after it, so its fused bias "
-            f"(max |b| = {bias.abs().max().item():.3g}) has no place in the original model: use --format plain"
-        )
-    return state
-
-
-def _identity_bn(name: str, bn: nn.Module, beta: Tensor) -> dict[str, Tensor]:
-    """A BatchNorm state that computes x + beta exactly in eval mode: mean 0, var 1 - eps, gamma 1."""
-    if not bn.eps < 1:
-        raise ACNetError(f"BatchNorm {name} has eps={bn.eps:g} >= 1 and cannot act as an identity: use --format plain")
-    if bn.weight is None and beta.any():
-        raise ACNetError(f"BatchNorm {name} has no affine bias to carry the fused bias: use --format plain")
-    state = {f"{name}.{key}": value.clone() for key, value in bn.state_dict().items()}
-    state[f"{name}.running_mean"] = torch.zeros_like(bn.running_mean)
-    state[f"{name}.running_var"] = torch.full_like(bn.running_var, 1.0 - bn.eps)
-    if bn.weight is not None:
-        state[f"{name}.weight"] = torch.ones_like(bn.weight)
-        state[f"{name}.bias"] = beta.to(bn.bias.dtype)
-    return state
 
 
 def _first_line(exc: BaseException) -> str:

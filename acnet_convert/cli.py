@@ -30,6 +30,7 @@ from .convert import acify, deploy
 from .demo import DEFAULT_EPOCHS, run_demo
 from .errors import ACNetError, VerificationError
 from .graph import Plan
+from .roundtrip import load, original_state_dict, save_weights
 from .spec import FORMS, ModelSpec
 from .verify import Comparison, VerifyResult, verify
 
@@ -187,7 +188,9 @@ def inspect_command(
         counts = {"original": _parameters(original)}
         acified = _acify(original, options, shape, inplace=True)
         counts["training"] = _parameters(acified)
-        counts["deployed"] = _parameters(deploy(acified, check=False))  # only counted: no weights leave inspect
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a model with nothing converted is a valid thing to inspect
+            counts["deployed"] = _parameters(deploy(acified, check=False))  # only counted: no weights leave inspect
     plan = acified.acnet_plan
     if as_json:
         report = {
@@ -270,8 +273,8 @@ def convert_command(
             if init == "preserve":
                 checks.append(("acified vs original", verify(original, acified, x, rtol=rtol)))
             checks.append(("deployed vs acified", verify(acified, deploy(acified), x, rtol=rtol)))
-        metadata = checkpoint.describe("acified", spec, model_spec.args, options, shape)
-        checkpoint.write(target, acified.state_dict(), metadata, force=force)
+        origin = {"spec": spec, "args": model_spec.args, "options": options, "input_shape": shape}
+        save_weights(acified, target, "acified", force=force, origin=origin)
     _print_plan(acified.acnet_plan, spec)
     for label, result in checks:
         _print_check(label, result)
@@ -318,14 +321,13 @@ def deploy_command(
         x = _example(trained.shape, acified)
         with _forward_errors(trained.shape):
             checks = [("deployed vs acified", verify(acified, deployed, x, rtol=rtol))]
-        state = deployed.state_dict()
         if fmt == "original":
             fresh = trained.spec.build()
-            state = checkpoint.original_state_dict(fresh, deployed, acified.acnet_plan)
+            state = original_state_dict(deployed)
             checkpoint.load_strict(fresh, state, source="the original-format weights", hint="report this as a bug")
             checks.append(("unmodified model with these weights vs acified", verify(acified, fresh, x, rtol=rtol)))
-        metadata = checkpoint.describe(fmt, spec, trained.spec.args, trained.options, trained.shape)
-        checkpoint.write(target, state, metadata, force=force)
+        origin = {"spec": spec, "args": trained.spec.args, "options": trained.options, "input_shape": trained.shape}
+        save_weights(deployed, target, fmt, force=force, origin=origin)
     out.print(acified.acnet_plan.summary(), soft_wrap=True)
     for label, result in checks:
         _print_check(label, result)
@@ -473,30 +475,37 @@ class _Rebuilt:
 
 
 def _rebuild(spec, weights, arg, input_shape, include, exclude, min_kernel, max_kernel, mode) -> _Rebuilt:
-    """Rebuild the acified model (options stored in the file, overridden by those given) and load the weights."""
+    """Rebuild the acified model: by the plan the file records, else by acify with the options given or stored."""
     trained = checkpoint.read(weights)
     fmt = trained.get("format")
     if fmt in ("plain", "original"):
         raise ACNetError(f"{weights} is already deployed ({fmt}): pass the acified checkpoint, trained")
-    model_spec = ModelSpec(spec, tuple(arg) if arg else tuple(trained.get("args", ())))
-    stored = trained.get("options") or {}
+    stored_args = tuple(trained.get("args", ()))
+    model_spec = ModelSpec(spec, tuple(arg) if arg else stored_args)
+    if not arg and stored_args:
+        typer.echo(f"note: using --arg {' '.join(stored_args)} stored in {weights} (written for {trained.get('spec')})",
+                   err=True)  # fmt: skip
     given = {"include": include, "exclude": exclude, "min_kernel": min_kernel, "max_kernel": max_kernel, "mode": mode}
-    options = _options(stored, **given)
+    if trained.plan is not None and any(value is not None for value in given.values()):
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key, value in given.items() if value is not None)
+        typer.echo(f"warning: {flags} ignored: {weights} records the structure it was converted with", err=True)
+    options = _options(trained.get("options") or {}, **given)
     shape = parse_shape(input_shape) if input_shape else tuple(trained.get("input_shape") or DEFAULT_SHAPE)
     with _spinner(f"rebuilding {spec}"):
         original = model_spec.build()
         original_keys = set(original.state_dict())
-        acified = _acify(original, options, shape, inplace=True)
-    if set(trained.state_dict) == original_keys:
-        hint = "it holds weights of the unconverted model: run acnet convert --weights FILE first, then train"
-    elif fmt is None:
-        hint = (
-            "the file carries no acnet metadata: pass the --arg, --mode, --include, --exclude, --min-kernel, "
-            "--max-kernel and --input-shape values used with acnet convert"
-        )
-    else:
-        hint = f"it was written for {trained.get('spec')} with --arg {trained.get('args')}: check SPEC and --arg"
-    checkpoint.load_strict(acified, trained.state_dict, source=weights, hint=hint)
+        if fmt is not None:
+            acified = load(original, weights, inplace=True)
+        else:
+            acified = _acify(original, options, shape, inplace=True)
+            if set(trained.state_dict) == original_keys:
+                hint = "it holds weights of the unconverted model: run acnet convert --weights FILE first, then train"
+            else:
+                hint = (
+                    "the file carries no acnet metadata: pass the --arg, --mode, --include, --exclude, --min-kernel, "
+                    "--max-kernel and --input-shape values used with acnet convert"
+                )
+            checkpoint.load_strict(acified, trained.state_dict, source=weights, hint=hint)
     return _Rebuilt(model_spec, options, shape, acified.eval())
 
 

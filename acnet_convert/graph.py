@@ -153,7 +153,7 @@ def analyze(
     plan = Plan()
     traced = _trace_flow(model, plan.trace_failures)
     probed = probe_flow(model, example_inputs) if example_inputs is not None and plan.trace_failures else Flow()
-    names = _names_by_module(model)
+    names = names_by_module(model)
     modules = dict(model.named_modules())
     claimed: set[str] = set()
     for name, module in modules.items():
@@ -244,7 +244,7 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
 
 
-def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+def names_by_module(model: nn.Module) -> dict[int, list[str]]:
     """Every qualified name each module is registered under, the one ``named_modules()`` gives first."""
     names: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):

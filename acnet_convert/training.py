@@ -13,9 +13,9 @@ from typing import Any, ParamSpec
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint
 from .convert import acify, deploy
 from .errors import ACNetError
+from .roundtrip import FORMATS, save_weights
 
 P = ParamSpec("P")
 
@@ -33,18 +33,6 @@ def check_acify_options(options: dict[str, Any], allowed: tuple[str, ...] = ACIF
 def is_main_process() -> bool:
     """True unless torch.distributed is initialised and this process is not global rank 0."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model``'s state_dict atomically: safetensors for ``.safetensors``, ``torch.save`` for ``.pt``/``.pth``.
-
-    The file is written beside ``path`` under a temporary name and renamed into place, so a crash never leaves a
-    truncated file behind; an existing file is replaced.  Load it with ``model.load_state_dict`` after
-    ``safetensors.torch.load_file(path)`` or ``torch.load(path, weights_only=True)``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return checkpoint.write(path, model.state_dict(), force=True)
 
 
 def acnet_model(
@@ -71,13 +59,26 @@ class ACNetTraining:
 
     ``run.model`` is the acified model to train (build the optimizer from it, wrap it in DDP or compile it as
     usual).  ``run.finish()``, or leaving a ``with`` block without an exception, deploys it, keeps the result in
-    ``run.deployed`` (eval mode) and, when ``out`` is given, writes its weights there from the main process only.
+    ``run.deployed`` (eval mode) and, when ``out`` is given, writes its weights there from the main process only,
+    in ``format``: ``"plain"`` (the deployed model), ``"original"`` (loads into the unmodified class) or
+    ``"acified"`` (the trained blocks, for ``acnet_convert.load``).
     """
 
-    def __init__(self, model: nn.Module, *, out: str | os.PathLike | None = None, check: bool = True, **options: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        out: str | os.PathLike | None = None,
+        format: str = "plain",
+        check: bool = True,
+        **options: Any,
+    ):
         check_acify_options(options, (*ACIFY_OPTIONS, "inplace"))
+        if format not in FORMATS:
+            raise ACNetError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
         self.model = acify(model, **options)
         self.out = None if out is None else Path(out)
+        self.format = format
         self.check = check
         self.deployed: nn.Module | None = None
 
@@ -94,5 +95,5 @@ class ACNetTraining:
         """Deploy the trained model, write its weights to ``out`` on the main process, and return it."""
         self.deployed = deploy(self.model, check=self.check).eval()
         if self.out is not None and is_main_process():
-            save_weights(self.deployed, self.out)
+            save_weights(self.model if self.format == "acified" else self.deployed, self.out, self.format)
         return self.deployed

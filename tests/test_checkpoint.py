@@ -9,15 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acnet_convert import ACBlock, ACNetError, acify, deploy, verify
-from acnet_convert.checkpoint import (
-    atomic_output,
-    describe,
-    load_strict,
-    original_state_dict,
-    read,
-    write,
-)
+from acnet_convert import ACBlock, ACNetError, acify, deploy, original_state_dict, verify
+from acnet_convert.checkpoint import atomic_output, load_strict, metadata, read, write
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,8 +59,8 @@ def leftovers(directory):
 
 def test_safetensors_round_trip_keeps_tensors_and_metadata(tmp_path):
     state = Net().state_dict()
-    metadata = describe("acified", "net.py", ("width=8",), {"init": "preserve"}, (1, 3, 12, 12))
-    write(tmp_path / "a.safetensors", state, metadata)
+    recorded = metadata("acified", spec="net.py", args=("width=8",), options={"init": "preserve"}, input_shape=(1, 3, 12, 12))
+    write(tmp_path / "a.safetensors", state, recorded)
     back = read(tmp_path / "a.safetensors")
     assert back.state_dict.keys() == state.keys() and all(torch.equal(back.state_dict[k], v) for k, v in state.items())
     assert (
@@ -209,7 +202,7 @@ def test_original_layout_loads_into_the_unmodified_model_and_matches(mode):
     acified = trained(Net(), mode=mode)
     deployed = deploy(acified)
     fresh = Net()
-    state = original_state_dict(fresh, deployed, acified.acnet_plan)
+    state = original_state_dict(deployed)
     fresh.load_state_dict(state, strict=True)
     assert {type(m) for m in fresh.modules()} == {type(m) for m in Net().modules()}
     assert fresh.bn1.bias.abs().max() > 0 and fresh.conv2.bias.abs().max() > 0  # the biases really moved
@@ -221,7 +214,7 @@ def test_original_layout_loads_into_the_unmodified_model_and_matches(mode):
 def test_absorbed_batchnorm_becomes_an_exact_identity_plus_bias(eps, dtype):
     acified = trained(Net(eps=eps).to(dtype))
     fresh = Net(eps=eps).to(dtype)
-    fresh.load_state_dict(original_state_dict(fresh, deploy(acified), acified.acnet_plan))
+    fresh.load_state_dict(original_state_dict(deploy(acified)))
     y = torch.randn(2, 8, 5, 5, dtype=dtype) * 10
     for bn in (fresh.bn1, fresh.bn2):
         bn.eval()
@@ -231,18 +224,18 @@ def test_absorbed_batchnorm_becomes_an_exact_identity_plus_bias(eps, dtype):
 def test_alone_conv_without_bias_is_refused_once_its_fused_bias_is_nonzero():
     untouched = acify(Net(alone_bias=False)).eval()  # preserve init: the new branches add exactly zero bias
     fresh = Net(alone_bias=False)
-    fresh.load_state_dict(original_state_dict(fresh, deploy(untouched), untouched.acnet_plan))
+    fresh.load_state_dict(original_state_dict(deploy(untouched)))
     verify(untouched, fresh, X, rtol=1e-5)
     acified = trained(Net(alone_bias=False))
-    with pytest.raises(ACNetError, match="conv3 has no bias and no BatchNorm after it.*use --format plain"):
-        original_state_dict(Net(alone_bias=False), deploy(acified), acified.acnet_plan)
+    with pytest.raises(ACNetError, match="conv3 has no bias and no BatchNorm after it.*use format plain"):
+        original_state_dict(deploy(acified))
 
 
 def test_models_already_containing_blocks_have_no_original_layout():
     model = nn.Sequential(ACBlock(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3))
     acified = acify(model)
-    with pytest.raises(ACNetError, match="already contains ACBlocks"):
-        original_state_dict(model, deploy(acified), acified.acnet_plan)
+    with pytest.raises(ACNetError, match="already contains blocks"):
+        original_state_dict(deploy(acified))
 
 
 def test_written_safetensors_load_with_the_plain_safetensors_api(tmp_path):
@@ -274,6 +267,6 @@ def test_original_layout_of_conv3d_and_transposed_conv_blocks():
     acified(x)  # train mode: the BatchNorms collect statistics
     acified.eval()
     fresh = Volume()
-    fresh.load_state_dict(original_state_dict(fresh, deploy(acified), acified.acnet_plan), strict=True)
+    fresh.load_state_dict(original_state_dict(deploy(acified)), strict=True)
     assert fresh.bn.bias.abs().max() > 0 and fresh.up.bias.abs().max() > 0
     verify(acified, fresh, x, rtol=1e-5)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from acnet_convert import __version__, acify, deploy, plan, verify
 from acnet_convert import cli as cli_module
-from acnet_convert.checkpoint import describe, read, write
+from acnet_convert.checkpoint import metadata, read, write
 from acnet_convert.cli import DEFAULT_OPTIONS, app
 from acnet_convert.spec import ModelSpec
 
@@ -322,8 +322,8 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "raises.py").write_text("import torch\n\nraise RuntimeError('needs a GPU')\n")
     spec = ModelSpec(str(folder / "model.py"))
     acified = acify(spec.build())
-    metadata = describe("acified", "model.py", (), DEFAULT_OPTIONS, (1, 3, 16, 16))
-    write(folder / "converted.safetensors", acified.state_dict(), metadata)
+    recorded = metadata("acified", spec="model.py", args=(), options=DEFAULT_OPTIONS, input_shape=(1, 3, 16, 16))
+    write(folder / "converted.safetensors", acified.state_dict(), recorded)  # as written before plans were recorded
     acified = train(folder / "converted.safetensors", folder / "trained.safetensors", spec)
     (folder / "truncated.safetensors").write_bytes((folder / "trained.safetensors").read_bytes()[:1000])
     torch.save(acified.state_dict(), folder / "full.pt")

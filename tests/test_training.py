@@ -131,7 +131,7 @@ def test_save_weights_handles_tied_tensors_and_the_torch_format(tmp_path):
     save_weights(model, tmp_path / "sub" / "tied.pt")
     for path, load in [
         (tmp_path / "tied.safetensors", lambda m, p: m.load_state_dict(load_file(p))),
-        (tmp_path / "sub" / "tied.pt", lambda m, p: m.load_state_dict(torch.load(p, weights_only=True))),
+        (tmp_path / "sub" / "tied.pt", lambda m, p: m.load_state_dict(torch.load(p, weights_only=True)["state_dict"])),
     ]:
         fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
         fresh[1].weight = fresh[0].weight
