@@ -15,7 +15,9 @@ from .errors import ACNetError, VerificationError
 from .fast_block import FastACBlock
 from .graph import Plan, Site
 from .quant import QuantReport, quant_report
-from .training import ACNetTraining, acnet_model, save_weights
+from .registry import ReparamBlock, register_block
+from .roundtrip import load, original_state_dict, save_weights
+from .training import ACNetTraining, acnet_model
 from .verify import VerifyResult, verify
 
 
@@ -35,14 +37,18 @@ __all__ = [
     "FastACBlock",
     "Plan",
     "QuantReport",
+    "ReparamBlock",
     "Site",
     "VerificationError",
     "VerifyResult",
     "acify",
     "acnet_model",
     "deploy",
+    "load",
+    "original_state_dict",
     "plan",
     "quant_report",
+    "register_block",
     "save_weights",
     "verify",
     "__version__",
