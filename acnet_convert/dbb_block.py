@@ -223,8 +223,8 @@ class FastDBBlock(ReparamBlock):
         block.weight = conv.weight
         block.register_parameter("bias", conv.bias)
         pointwise = not is_depthwise(conv)
-        block.register_parameter("weight_1x1", _conv_weight(conv, conv.out_channels, 1, **factory) if pointwise else None)
-        block.register_parameter("weight_avg", _conv_weight(conv, conv.out_channels, 1, **factory) if pointwise else None)
+        for name in ("weight_1x1", "weight_avg"):
+            block.register_parameter(name, _pointwise_weight(conv, **factory) if pointwise else None)
         width = inner_width(conv)
         block.weight_inner = nn.Parameter(identity_kernel(width, conv.in_channels, conv.groups, **factory))
         block.weight_outer = nn.Conv2d(width, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=False,
@@ -247,7 +247,8 @@ class FastDBBlock(ReparamBlock):
         kernel = scaled(self.weight.to(dtype), self.scale_square.to(dtype)) + scaled(avg, self.scale_avg.to(dtype)) \
             + scaled(kxk, self.scale_kxk.to(dtype))  # fmt: skip
         if self.weight_1x1 is not None:
-            kernel = kernel + embed_centre(scaled(self.weight_1x1.to(dtype), self.scale_1x1.to(dtype)), self.kernel_size)
+            pointwise = scaled(self.weight_1x1.to(dtype), self.scale_1x1.to(dtype))
+            kernel = kernel + embed_centre(pointwise, self.kernel_size)
         return kernel
 
     def forward(self, x: Tensor) -> Tensor:
@@ -276,9 +277,9 @@ class FastDBBlock(ReparamBlock):
         return settings_repr(self) + f", bias={self.bias is not None}"
 
 
-def _conv_weight(conv: nn.Conv2d, out_channels: int, kernel_size: int, **factory) -> nn.Parameter:
-    """A kernel from ``conv``'s inputs to ``out_channels``, initialised as PyTorch initialises a conv's."""
-    return nn.Conv2d(conv.in_channels, out_channels, kernel_size, groups=conv.groups, bias=False, **factory).weight
+def _pointwise_weight(conv: nn.Conv2d, **factory) -> nn.Parameter:
+    """A 1x1 kernel with ``conv``'s channels and groups, initialised as PyTorch initialises a conv's."""
+    return nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups, bias=False, **factory).weight
 
 
 def _compose(first: Tensor, second: Tensor, groups: int) -> Tensor:

@@ -51,7 +51,10 @@ class QARepVGGBlock(ReparamBlock):
         copy_settings(block, conv)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         dense_bn = new_bn(bn, conv.out_channels, **factory)
-        branches = {"square": ACBranch(conv, dense_bn, (0, 0)), "pointwise": pointwise_branch(conv, nn.Identity(), **factory)}
+        branches = {
+            "square": ACBranch(conv, dense_bn, (0, 0)),
+            "pointwise": pointwise_branch(conv, nn.Identity(), **factory),
+        }
         if has_identity(conv):
             branches["identity"] = IdentityBranch(conv, nn.Identity())
         block.branches = nn.ModuleDict(branches)

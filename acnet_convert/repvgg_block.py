@@ -115,7 +115,7 @@ class IdentityBranch(nn.Module):
 
 
 def fused_conv(block: ReparamBlock, weight: Tensor, bias: Tensor | None, ref: Tensor) -> nn.Conv2d:
-    """A plain ``nn.Conv2d`` with ``block``'s settings holding ``weight`` (and ``bias``), on ``ref``'s device and dtype."""
+    """A plain ``nn.Conv2d`` with ``block``'s settings holding ``weight`` (and ``bias``), ``ref``'s device and dtype."""
     conv = torch.nn.utils.skip_init(
         nn.Conv2d, block.in_channels, block.out_channels, block.kernel_size, block.stride, block.padding,
         block.dilation, block.groups, bias is not None, block.padding_mode, device=ref.device, dtype=ref.dtype,
@@ -180,8 +180,10 @@ class RepVGGBlock(ReparamBlock):
         block = cls()
         copy_settings(block, conv)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-        branches = {"square": ACBranch(conv, bn if bn is not None else nn.Identity(), (0, 0)),
-                    "pointwise": pointwise_branch(conv, new_bn(bn, conv.out_channels, **factory), **factory)}  # fmt: skip
+        branches = {
+            "square": ACBranch(conv, bn if bn is not None else nn.Identity(), (0, 0)),
+            "pointwise": pointwise_branch(conv, new_bn(bn, conv.out_channels, **factory), **factory),
+        }
         if has_identity(conv):
             branches["identity"] = IdentityBranch(conv, new_bn(bn, conv.out_channels, **factory))
         block.branches = nn.ModuleDict(branches)
