@@ -35,7 +35,7 @@ PER_CHANNEL_ADVICE = (
 )
 KEEP_ADVICE = (
     "keep this layer in higher precision (float16 or 16-bit weights), or retrain with acify(..., mode=\"fast\") "
-    "or block=\"qarepvgg\", whose fused kernels carry fewer outliers"
+    "or block=\"qarepvgg\" and check again"
 )
 
 
@@ -157,6 +157,7 @@ class QuantReport:
         return rows
 
     def __str__(self) -> str:
+        """The table as aligned plain text, followed by the summary line."""
         rows = self.table()
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]).rstrip() for row in rows]
@@ -175,8 +176,8 @@ def quant_report(
 ) -> QuantReport:
     """Measure how well every conv and linear layer of a deployed ``model`` survives quantisation.
 
-    Weight figures for each layer (and for ``reference``'s layer of the same name, e.g. the unconverted model);
-    a layer is flagged when its per-tensor SQNR at ``bits[0]`` is below ``threshold_db`` (default 30 dB at
+    Weight figures for each layer, the BatchNorm that follows it folded in (and the same for ``reference``'s
+    layer of the same name, e.g. the unconverted model); a layer is flagged when its per-tensor SQNR at ``bits[0]`` is below ``threshold_db`` (default 30 dB at
     8 bits, 6.02 dB less per bit fewer) or more than ``margin_db`` below the reference's.  With ``inputs``
     the output range of each layer is recorded and, unless ``ptq=False``, a CPU copy is statically quantised
     to INT8 (calibrated on ``inputs``) and compared with the float model.
