@@ -436,7 +436,13 @@ def export_command(
     if onnx_file:
         with checkpoint.atomic_output(onnx_file, force=force) as tmp:
             with _spinner(f"exporting {onnx_file}"):
-                _export_onnx(deployed, x, tmp)
+                fallback = _export_onnx(deployed, x, tmp)
+            if fallback:
+                typer.echo(
+                    f"warning: torch.export could not capture the model ({fallback}); the tracing exporter wrote "
+                    f"{onnx_file}: it holds only the path the example input took through data-dependent code",
+                    err=True,
+                )
             with _spinner("checking with onnxruntime"):
                 result = verify(acified, _OnnxRuntime(tmp), x, rtol=rtol)
         _print_check(f"onnxruntime ({onnx_file}) vs acified", result)
@@ -586,13 +592,20 @@ def _require_onnx() -> None:
         raise ACNetError(f"ONNX export needs {exc.name}: pip install 'acnet-convert[onnx]'") from exc
 
 
-def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
-    """torch.onnx's exporter into one self-contained file."""
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> str:
+    """Export with torch.export into one self-contained file, else with the tracing exporter (then say why)."""
     try:
         with _quiet():
             torch.onnx.export(model, (x,), str(path), input_names=["input"], dynamo=True, external_data=False)
+        return ""
+    except Exception as exc:
+        reason = _first_line(exc)
+    try:
+        with _quiet():
+            torch.onnx.export(model, (x,), str(path), input_names=["input"], dynamo=False)
     except Exception as exc:
         raise ACNetError(f"ONNX export failed ({_first_line(exc)}): acnet deploy --format plain still works") from exc
+    return reason
 
 
 def _torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> nn.Module:
@@ -622,8 +635,8 @@ class _OnnxRuntime(nn.Module):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Hide the progress prints and deprecation warnings of torch's exporters."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    """Hide the progress prints, graph dumps and deprecation warnings of torch's exporters."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
 

@@ -172,3 +172,11 @@ def write_plot(baseline: History, acnet: History, out_dir: Path, title: str) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import app
+
+    app(["demo", *sys.argv[1:]], prog_name="python -m acnet_convert.demo")
