@@ -234,22 +234,16 @@ class FastDBBlock(ReparamBlock):
         for name in ("scale_1x1", "scale_avg", "scale_kxk"):
             scale = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
             block.register_parameter(name, scale if pointwise or name != "scale_1x1" else None)
+        block.register_buffer("avg_kernel", avg_pool_kernel(conv.out_channels, conv.kernel_size, conv.groups, **factory),
+                              persistent=False)  # fmt: skip
         block.train(conv.training)
         return block
 
     def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
-        dtype = dtype or self.weight.dtype
-        avg = avg_pool_kernel(self.out_channels, self.kernel_size, self.groups, dtype=dtype, device=self.weight.device)
-        if self.weight_avg is not None:
-            avg = _compose(self.weight_avg.to(dtype), avg, self.groups)
-        kxk = _compose(self.weight_inner.to(dtype), self.weight_outer.to(dtype), self.groups)
-        kernel = scaled(self.weight.to(dtype), self.scale_square.to(dtype)) + scaled(avg, self.scale_avg.to(dtype)) \
-            + scaled(kxk, self.scale_kxk.to(dtype))  # fmt: skip
-        if self.weight_1x1 is not None:
-            pointwise = scaled(self.weight_1x1.to(dtype), self.scale_1x1.to(dtype))
-            kernel = kernel + embed_centre(pointwise, self.kernel_size)
-        return kernel
+        tensors = (self.weight, self.weight_1x1, self.weight_avg, self.avg_kernel, self.weight_inner, self.weight_outer,
+                   self.scale_square, self.scale_1x1, self.scale_avg, self.scale_kxk)  # fmt: skip
+        return compose_dbb(self.groups, *(t if dtype is None or t is None else t.to(dtype) for t in tensors))
 
     def forward(self, x: Tensor) -> Tensor:
         return fast_conv(self, x, self.composed_weight(), self.bias)
@@ -280,6 +274,24 @@ class FastDBBlock(ReparamBlock):
 def _pointwise_weight(conv: nn.Conv2d, **factory) -> nn.Parameter:
     """A 1x1 kernel with ``conv``'s channels and groups, initialised as PyTorch initialises a conv's."""
     return nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups, bias=False, **factory).weight
+
+
+@torch.fx.wrap
+def compose_dbb(
+    groups: int, weight: Tensor, weight_1x1: Tensor | None, weight_avg: Tensor | None, avg_kernel: Tensor,
+    weight_inner: Tensor, weight_outer: Tensor, scale_square: Tensor, scale_1x1: Tensor | None, scale_avg: Tensor,
+    scale_kxk: Tensor,
+) -> Tensor:
+    """The fast DBB's kernel: the scaled KxK, 1x1 (at the centre), 1x1-average-pool and 1x1-KxK kernels summed.
+
+    One node in a ``torch.fx`` graph: symbolic tracing records the call, not its shape-dependent steps.
+    """
+    avg = avg_kernel if weight_avg is None else _compose(weight_avg, avg_kernel, groups)
+    kxk = _compose(weight_inner, weight_outer, groups)
+    kernel = scaled(weight, scale_square) + scaled(avg, scale_avg) + scaled(kxk, scale_kxk)
+    if weight_1x1 is not None:
+        kernel = kernel + embed_centre(scaled(weight_1x1, scale_1x1), weight.shape[2:])
+    return kernel
 
 
 def _compose(first: Tensor, second: Tensor, groups: int) -> Tensor:

@@ -103,8 +103,8 @@ class IdentityBranch(nn.Module):
         self.bn = bn
 
     def forward(self, x: Tensor) -> Tensor:
-        (ch, cw), (h, w) = self.crop, x.shape[-2:]
-        return self.bn(pad_like_conv(x[..., ch : h - ch, cw : w - cw], self.pad, self.padding_mode))
+        x = x[(..., *(slice(c, -c if c else None) for c in self.crop))]
+        return self.bn(pad_like_conv(x, self.pad, self.padding_mode))
 
     def kernel(self, dtype: torch.dtype) -> Kernel:
         """This branch's 1x1 kernel and bias with its norm folded in."""
@@ -262,20 +262,18 @@ class FastRepVGGBlock(ReparamBlock):
         scale_new = 0.0 if init == "preserve" else gamma_init
         block.scale_square = nn.Parameter(torch.ones(conv.out_channels, **factory))
         block.scale_1x1 = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
-        scale_identity = torch.full((conv.out_channels,), scale_new, **factory) if has_identity(conv) else None
-        block.register_parameter("scale_identity", None if scale_identity is None else nn.Parameter(scale_identity))
+        identity = has_identity(conv)
+        scale_identity = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory)) if identity else None
+        block.register_parameter("scale_identity", scale_identity)
+        eye = identity_kernel(conv.out_channels, conv.in_channels, conv.groups, **factory) if identity else None
+        block.register_buffer("eye", eye, persistent=False)
         block.train(conv.training)
         return block
 
     def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
-        dtype = dtype or self.weight.dtype
-        centre = scaled(self.weight_1x1.to(dtype), self.scale_1x1.to(dtype))
-        if self.scale_identity is not None:
-            eye = identity_kernel(self.out_channels, self.in_channels, self.groups, dtype=dtype,
-                                  device=self.weight.device)  # fmt: skip
-            centre = centre + scaled(eye, self.scale_identity.to(dtype))
-        return scaled(self.weight.to(dtype), self.scale_square.to(dtype)) + embed_centre(centre, self.kernel_size)
+        tensors = (self.weight, self.weight_1x1, self.eye, self.scale_square, self.scale_1x1, self.scale_identity)
+        return compose_repvgg(*(t if dtype is None or t is None else t.to(dtype) for t in tensors))
 
     def forward(self, x: Tensor) -> Tensor:
         return fast_conv(self, x, self.composed_weight(), self.bias)
@@ -301,6 +299,21 @@ class FastRepVGGBlock(ReparamBlock):
 
     def extra_repr(self) -> str:
         return settings_repr(self) + f", bias={self.bias is not None}"
+
+
+@torch.fx.wrap
+def compose_repvgg(
+    weight: Tensor, weight_1x1: Tensor, eye: Tensor | None, scale_square: Tensor, scale_1x1: Tensor,
+    scale_identity: Tensor | None,
+) -> Tensor:
+    """``scale_square * weight`` plus, at its centre tap, ``scale_1x1 * weight_1x1 + scale_identity * eye``.
+
+    One node in a ``torch.fx`` graph: symbolic tracing records the call, not its shape-dependent steps.
+    """
+    centre = scaled(weight_1x1, scale_1x1)
+    if eye is not None:
+        centre = centre + scaled(eye, scale_identity)
+    return scaled(weight, scale_square) + embed_centre(centre, weight.shape[2:])
 
 
 register_block("repvgg", RepVGGBlock)

@@ -192,3 +192,15 @@ def test_acify_and_deploy_a_small_model_with_a_dilated_conv_falling_back_to_acb(
     assert not any(isinstance(m, (DBBlock, FastDBBlock)) for m in deployed.modules())
     with torch.no_grad():
         assert relative_error(acified(x), deployed(x)) <= 1e-10  # relative, float64
+
+
+@pytest.mark.parametrize("cls", [DBBlock, FastDBBlock])
+@pytest.mark.parametrize("groups, padding, padding_mode", [(1, (1, 2), "zeros"), (4, 3, "zeros"), (2, 2, "replicate")])
+def test_symbolic_tracing_records_the_same_function(cls, groups, padding, padding_mode):
+    conv = nn.Conv2d(4, 4, (3, 5), padding=padding, groups=groups, padding_mode=padding_mode, dtype=torch.float64)
+    block = cls.from_conv(conv, nn.BatchNorm2d(4, dtype=torch.float64) if cls.absorbs_bn else None, init="scratch")
+    randomize_bn(block)
+    block.eval()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(block(x), torch.fx.symbolic_trace(block)(x)) <= 1e-12  # relative, float64

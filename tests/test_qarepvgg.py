@@ -86,3 +86,14 @@ def test_acify_and_deploy_a_small_model():
     assert not any(isinstance(m, QARepVGGBlock) for m in deployed.modules())
     with torch.no_grad():
         assert relative_error(acified(x), deployed(x)) <= 1e-10  # relative, float64
+
+
+@pytest.mark.parametrize("padding, padding_mode", [(1, "zeros"), (3, "zeros"), (2, "circular")])
+def test_symbolic_tracing_records_the_same_function(padding, padding_mode):
+    conv = nn.Conv2d(4, 4, 3, padding=padding, padding_mode=padding_mode, dtype=torch.float64)
+    block = QARepVGGBlock.from_conv(conv, nn.BatchNorm2d(4, dtype=torch.float64), init="scratch")
+    randomize_bn(block)
+    block.eval()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(block(x), torch.fx.symbolic_trace(block)(x)) <= 1e-12  # relative, float64
