@@ -234,8 +234,8 @@ class FastDBBlock(ReparamBlock):
         for name in ("scale_1x1", "scale_avg", "scale_kxk"):
             scale = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
             block.register_parameter(name, scale if pointwise or name != "scale_1x1" else None)
-        block.register_buffer("avg_kernel", avg_pool_kernel(conv.out_channels, conv.kernel_size, conv.groups, **factory),
-                              persistent=False)  # fmt: skip
+        avg_kernel = avg_pool_kernel(conv.out_channels, conv.kernel_size, conv.groups, **factory)
+        block.register_buffer("avg_kernel", avg_kernel, persistent=False)
         block.train(conv.training)
         return block
 
