@@ -1,5 +1,8 @@
 """acnet-convert: train any PyTorch CNN with Asymmetric Convolution Blocks, deploy it as plain convs."""
 
+import importlib
+import sys
+import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -7,49 +10,57 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-# The version is set first: submodules that write checkpoints record it.
+# Every public name is imported on first use, so that ``import acnet_convert`` (and ``acnet --help``) does not
+# import torch. Each maps to the submodule that defines it.
+_EXPORTS = {
+    "ACBlock": "block",
+    "ACNetCallback": "lightning_callback",
+    "ACNetError": "errors",
+    "ACNetTraining": "training",
+    "FastACBlock": "fast_block",
+    "Plan": "graph",
+    "QuantReport": "quant",
+    "ReparamBlock": "registry",
+    "Site": "graph",
+    "VerificationError": "errors",
+    "VerifyResult": "verify",
+    "acify": "convert",
+    "acnet_model": "training",
+    "deploy": "convert",
+    "load": "roundtrip",
+    "original_state_dict": "roundtrip",
+    "plan": "convert",
+    "quant_report": "quant",
+    "register_block": "registry",
+    "save_weights": "roundtrip",
+    "verify": "verify",
+}
 
-from .block import ACBlock
-from .convert import acify, deploy, plan
-from .errors import ACNetError, VerificationError
-from .fast_block import FastACBlock
-from .graph import Plan, Site
-from .quant import QuantReport, quant_report
-from .registry import ReparamBlock, register_block
-from .roundtrip import load, original_state_dict, save_weights
-from .training import ACNetTraining, acnet_model
-from .verify import VerifyResult, verify
+
+class _Package(types.ModuleType):
+    """The package module: exports resolved on first use; a submodule never hides the export of the same name."""
+
+    def __getattr__(self, name: str):
+        if name in _EXPORTS:
+            value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        else:
+            try:
+                value = importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{__name__}.{name}":
+                    raise
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from exc
+        object.__setattr__(self, name, value)
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):  # `import acnet_convert.verify`
+            super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *_EXPORTS})
 
 
-def __getattr__(name: str):
-    """Import the Lightning callback on first use, so that ``import acnet_convert`` never imports Lightning."""
-    if name == "ACNetCallback":
-        from .lightning_callback import ACNetCallback
+sys.modules[__name__].__class__ = _Package
 
-        return ACNetCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "ACBlock",
-    "ACNetError",
-    "ACNetTraining",
-    "FastACBlock",
-    "Plan",
-    "QuantReport",
-    "ReparamBlock",
-    "Site",
-    "VerificationError",
-    "VerifyResult",
-    "acify",
-    "acnet_model",
-    "deploy",
-    "load",
-    "original_state_dict",
-    "plan",
-    "quant_report",
-    "register_block",
-    "save_weights",
-    "verify",
-    "__version__",
-]
+__all__ = [*(name for name in _EXPORTS if name != "ACNetCallback"), "__version__"]
