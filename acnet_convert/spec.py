@@ -16,14 +16,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import ModuleType
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import ACNetError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FACTORY = "build_model"
 FORMS = "path/model.py[:NAME], package.module[:NAME], torchvision:NAME or timm:NAME"
 _IDENTIFIER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_NETWORK_ERRORS = {  # exception classes (by name) that mean a download failed
+    "URLError", "HTTPError", "ConnectionError", "gaierror", "timeout", "TimeoutError", "Timeout", "ConnectTimeout",
+    "MaxRetryError", "NewConnectionError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "ContentTooShortError",
+}  # fmt: skip
 
 
 def parse_args(pairs: Sequence[str]) -> dict[str, object]:
@@ -73,17 +79,76 @@ class ModelSpec:
 
     def build(self) -> nn.Module:
         """A fresh model built from the spec with its arguments."""
+        from torch import nn
+
         factory, kwargs = self.factory, self.kwargs
         try:
             model = factory(**kwargs)
         except Exception as exc:
-            raise ACNetError(
-                f"building {self.text} failed{_user_line(exc)}: {_one_line(exc)}; check the code and the --arg values"
-            ) from exc
+            raise self._build_error(exc) from exc
         if not isinstance(model, nn.Module):
             kind = type(model).__name__
             raise ACNetError(f"{self.text} returned a {kind}, not a torch.nn.Module: name a model class or factory")
         return model
+
+    def _build_error(self, exc: Exception) -> ACNetError:
+        """What went wrong building the model: an unknown or missing --arg, a download, or the model's own error."""
+        if _download_failure(exc):
+            return ACNetError(
+                f"this model downloads weights when built ({_one_line(_download_failure(exc))}): pass "
+                f"{self._no_download_hint()}, or download the weights while online first"
+            )
+        text = str(exc)
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", text) if isinstance(exc, TypeError) else None
+        if unknown and unknown.group(1) in self.kwargs:
+            return ACNetError(f"--arg {unknown.group(1)} is not an argument of {self.text}{self._takes(unknown[1])}")
+        missing = re.search(r"missing \d+ required \w+ arguments?: (.+)$", text) if isinstance(exc, TypeError) else None
+        if missing:
+            names = re.findall(r"'(\w+)'", missing.group(1))
+            example = " ".join(f"--arg {name}=..." for name in names)
+            return ACNetError(f"{self.text} needs the argument(s) {', '.join(names)}: pass {example}")
+        return ACNetError(
+            f"building {self.text} failed{_user_line(exc)}: {_one_line(exc)}; check the code and the --arg values"
+        )
+
+    def _takes(self, unknown: str) -> str:
+        """'; it takes a, b; did you mean a?' from the factory's signature, or '' when it has none to read."""
+        names = _parameters(self.factory)
+        if not names:
+            return ": check the --arg names"
+        return f" (it takes {', '.join(names)}){_suggest(unknown, names) or ': check the --arg names'}"
+
+    def _no_download_hint(self) -> str:
+        """The --arg that builds this model without pretrained weights."""
+        prefix = self.text.partition(":")[0]
+        names = set(_parameters(self.factory))
+        if prefix == "torchvision" or "weights" in names:
+            return "--arg weights=None"
+        if prefix == "timm" or "pretrained" in names:
+            return "--arg pretrained=False"
+        return "the --arg that turns pretrained weights off"
+
+
+def _download_failure(exc: BaseException) -> BaseException | None:
+    """The network error in ``exc``'s chain of causes, or None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if {cls.__name__ for cls in type(exc).__mro__} & _NETWORK_ERRORS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _parameters(factory: Callable[..., object]) -> list[str]:
+    """The keyword parameters ``factory`` names (empty when it takes ``**kwargs`` or has no signature)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _locate(text: str, kwargs: dict[str, object]) -> Callable[..., object]:
@@ -152,6 +217,7 @@ def _import_module(name: str) -> ModuleType:
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # packages in the working directory, as `python -m` finds them
     try:
+        _add_module_folder(name)
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name and name.startswith(exc.name):
@@ -161,6 +227,18 @@ def _import_module(name: str) -> ModuleType:
         raise ACNetError(f"importing {name} failed{_user_line(exc)}: {_one_line(exc)}; install what it needs") from exc
     except Exception as exc:
         raise ACNetError(f"importing {name} failed{_user_line(exc)}: {_one_line(exc)}; fix the module") from exc
+
+
+def _add_module_folder(name: str) -> None:
+    """Put the folder of module ``name``'s file on sys.path (last), so that it can import the files beside it."""
+    try:
+        found = importlib.util.find_spec(name)
+    except ValueError:  # a module already imported without a spec
+        return
+    if found is not None and found.origin and found.has_location:
+        folder = str(Path(found.origin).parent)
+        if folder not in sys.path:
+            sys.path.append(folder)
 
 
 def _attribute(module: ModuleType, name: str, where: str) -> Callable[..., object]:
@@ -190,6 +268,14 @@ def _discover(module: ModuleType, where: str, kwargs: dict[str, object]) -> Call
             f"{where} defines no nn.Module subclass and no {FACTORY}(): add one, or name one as {where}:NAME"
         )
     names = ", ".join(cls.__name__ for cls in (buildable or classes))
+    if not buildable and len(classes) == 1:
+        unknown = [key for key in kwargs if key not in _parameters(classes[0])]
+        if unknown and _parameters(classes[0]):
+            takes = _parameters(classes[0])
+            raise ACNetError(
+                f"--arg {unknown[0]} is not an argument of {where}:{classes[0].__name__} (it takes {', '.join(takes)})"
+                f"{_suggest(unknown[0], takes) or ': check the --arg names'}"
+            )
     if not buildable:
         raise ACNetError(
             f"no model class in {where} can be built with these arguments (found {names}): "
@@ -199,6 +285,8 @@ def _discover(module: ModuleType, where: str, kwargs: dict[str, object]) -> Call
 
 
 def _model_classes(module: ModuleType) -> list[type]:
+    from torch import nn
+
     return [
         obj
         for obj in vars(module).values()
