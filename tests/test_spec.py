@@ -241,7 +241,8 @@ def test_unreadable_specs(spec, fragment):
 
 
 def test_bad_constructor_argument(model_file):
-    assert "unexpected keyword argument 'depth'" in error(f"{model_file}:Net", "depth=3")
+    assert "--arg depth is not an argument of" in error(f"{model_file}:Net", "depth=3")
+    assert "(it takes width, num_classes)" in error(f"{model_file}:Net", "depth=3")
 
 
 def test_build_returns_a_fresh_model_each_time(model_file):
