@@ -37,6 +37,8 @@ class Checkpoint:
 
     state_dict: dict[str, Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    entries: tuple[str, ...] = ()  # the top-level entries of the file that hold a state_dict (e.g. an EMA copy)
+    key: str | None = None  # the entry the state_dict was read from; None for a bare state_dict
 
     def get(self, key: str, default: object = None) -> object:
         """One metadata entry (``format``, ``plan``, ``model``, ``spec``, ``args``, ``options``, ``input_shape``,
@@ -68,16 +70,22 @@ def _jsonable(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
-def read(path: str | Path) -> Checkpoint:
-    """Read a safetensors or PyTorch checkpoint without running any code stored in it."""
+def read(path: str | Path, key: str | None = None) -> Checkpoint:
+    """Read a safetensors or PyTorch checkpoint without running any code stored in it.
+
+    ``key`` names the entry of a PyTorch checkpoint that holds the state_dict to read (e.g. ``"state_dict_ema"``);
+    without it, a ``"state_dict"`` or ``"model"`` entry is unwrapped, and a file holding several others is refused.
+    """
     path = Path(path)
     if not path.exists():
         raise ACNetError(f"checkpoint {path} not found: check the path")
     if not path.is_file():
         raise ACNetError(f"checkpoint {path} is not a file: give the path of a .safetensors or .pt file")
     if path.suffix == ".safetensors" or _has_safetensors_header(path):
+        if key is not None:
+            raise ACNetError(f"{path} is a safetensors file, which holds one state_dict: drop the key {key!r}")
         return _read_safetensors(path)
-    return _read_torch(path)
+    return _read_torch(path, key)
 
 
 def _has_safetensors_header(path: Path) -> bool:
@@ -98,7 +106,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(_strip_prefixes(state), {k: v for k, v in metadata.items() if k.startswith(_META)})
 
 
-def _read_torch(path: Path) -> Checkpoint:
+def _read_torch(path: Path, key: str | None = None) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -117,7 +125,10 @@ def _read_torch(path: Path) -> Checkpoint:
     recorded = obj.get(_PT_METADATA) if isinstance(obj, Mapping) else None
     if not isinstance(recorded, Mapping) or not all(isinstance(v, str) for v in recorded.values()):
         recorded = {}
-    return Checkpoint(_strip_prefixes(_unwrap(obj, path)), {k: v for k, v in recorded.items() if k.startswith(_META)})
+    entries = _entries(obj)
+    key = key if key is not None else next((k for k in WRAPPERS if k in entries), None)
+    metadata = {k: v for k, v in recorded.items() if k.startswith(_META)}
+    return Checkpoint(_strip_prefixes(_unwrap(obj, path, key)), metadata, tuple(entries), key)
 
 
 def _unreadable(path: Path, reason: str) -> ACNetError:
@@ -127,13 +138,34 @@ def _unreadable(path: Path, reason: str) -> ACNetError:
     )
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
-    """The state_dict inside a loaded object: the object itself, or its "state_dict"/"model" entry."""
-    if isinstance(obj, Mapping):
-        for key in WRAPPERS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
+def _entries(obj: object) -> list[str]:
+    """The top-level entries of a loaded object that hold a state_dict (a non-empty mapping of tensors)."""
+    if not isinstance(obj, Mapping):
+        return []
+    return [
+        str(k) for k, v in obj.items() if isinstance(v, Mapping) and v and all(isinstance(t, Tensor) for t in v.values())
+    ]
+
+
+def _unwrap(obj: object, path: Path, key: str | None = None) -> dict[str, Tensor]:
+    """The state_dict inside a loaded object: its entry ``key``, its "state_dict"/"model" entry, or itself."""
+    entries = _entries(obj)
+    if key is not None:
+        if key not in entries:
+            held = f"its state_dict entries are {', '.join(entries)}" if entries else "it holds no such entries"
+            raise ACNetError(f"{path} has no state_dict under {key!r}: {held}")
+        obj = obj[key]
+    elif isinstance(obj, Mapping):
+        for wrapper in WRAPPERS:
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
                 break
+        else:
+            if len(entries) > 1:
+                raise ACNetError(
+                    f"{path} holds several state_dicts ({', '.join(entries)}): choose one with --checkpoint-key "
+                    f"(key= in Python)"
+                )
     if not isinstance(obj, Mapping) or not obj:
         raise ACNetError(f"{path} holds a {type(obj).__name__}, not a state_dict: save model.state_dict()")
     bad = [key for key, value in obj.items() if not isinstance(value, Tensor) and not str(key).endswith("_extra_state")]
