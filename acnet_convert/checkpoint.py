@@ -142,9 +142,11 @@ def _entries(obj: object) -> list[str]:
     """The top-level entries of a loaded object that hold a state_dict (a non-empty mapping of tensors)."""
     if not isinstance(obj, Mapping):
         return []
-    return [
-        str(k) for k, v in obj.items() if isinstance(v, Mapping) and v and all(isinstance(t, Tensor) for t in v.values())
-    ]
+    return [str(key) for key, value in obj.items() if _is_state_dict(value)]
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(t, Tensor) for t in value.values())
 
 
 def _unwrap(obj: object, path: Path, key: str | None = None) -> dict[str, Tensor]:
