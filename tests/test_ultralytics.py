@@ -6,6 +6,7 @@ checkpoint is written, then resumed from ``last.pt`` for a second; nothing may r
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -74,9 +75,13 @@ def env(tmp_path_factory):
         attempts.append(args)
         raise OSError("network access in a test")
 
+    installed = Path(importlib.util.find_spec("ultralytics").origin).parent.parent   # found without importing it
+    outside = [installed / "tests", Path.home() / ".config" / "Ultralytics"]
+    existed = [path.exists() for path in outside]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("YOLO_OFFLINE", "1")
         mp.setenv("YOLO_CONFIG_DIR", str(root / "config"))
+        mp.setenv("MPLCONFIGDIR", str(root / "matplotlib"))           # Ultralytics imports matplotlib
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "getaddrinfo", refuse)
         import matplotlib
@@ -91,6 +96,7 @@ def env(tmp_path_factory):
         data = write_dataset(root / "data")
         yield {"root": root, "data": data, "attempts": attempts}
     assert not attempts, f"something tried to reach the network: {attempts[:3]}"
+    assert [path.exists() for path in outside] == existed, "something was written outside the temporary folder"
 
 
 def write_dataset(folder: Path) -> Path:
@@ -157,8 +163,9 @@ def run(request, env):
     record.resumed_blocks = count_blocks(model.trainer.model)
     record.results_rows = len((record.root / "results.csv").read_text().strip().splitlines()) - 1
 
-    record.val_map = model.val(data=str(env["data"]), imgsz=IMGSZ, batch=4, device="cpu", plots=False).box.map50
-    record.predictions = len(model.predict(np.zeros((IMGSZ, IMGSZ, 3), np.uint8), imgsz=IMGSZ, device="cpu"))
+    outputs = dict(imgsz=IMGSZ, device="cpu", project=str(record.root), exist_ok=True)  # pytest changes the default
+    record.val_map = model.val(data=str(env["data"]), batch=4, plots=False, name="val", **outputs).box.map50
+    record.predictions = len(model.predict(np.zeros((IMGSZ, IMGSZ, 3), np.uint8), name="predict", **outputs))
     model.fuse()
     record.fused_blocks, record.fused = count_blocks(model.model), model.model.is_fused()
     record.onnx = Path(model.export(format="onnx", imgsz=IMGSZ, device="cpu", simplify=False))
@@ -263,7 +270,8 @@ def test_deployed_checkpoint_loads_and_predicts_without_acnet_convert(run, env, 
         torch.save(y, {str(tmp_path / "y.pt")!r})
         assert not [name for name in sys.modules if name.startswith("acnet_convert") and sys.modules[name]]
     """)
-    environment = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(env["root"] / "config")}
+    environment = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(env["root"] / "config"),
+                   "MPLCONFIGDIR": str(env["root"] / "matplotlib")}  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     with torch.no_grad():
