@@ -1,9 +1,11 @@
-"""Data sets and a plain training loop shared by the demo and the accuracy study."""
+"""Data sets, a plain training loop and the evaluations shared by the demo, the accuracy study and the benchmarks."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,8 +13,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .convert import plan
 from .errors import ACNetError
+from .ptq import _engine, _engine_name, _quantize
+from .surgery import replace_module
 
 
 @dataclass
@@ -181,3 +187,59 @@ def single_thread() -> Iterator[None]:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameter values."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+TEST_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "flip_lr": lambda x: x.flip(-1),
+    "flip_ud": lambda x: x.flip(-2),
+    "rot90": lambda x: x.rot90(1, (-2, -1)),
+}
+
+
+def transformed_accuracy(model: nn.Module, split: Split) -> dict[str, float]:
+    """Top-1 accuracy (percent) on the test images flipped left-right, flipped up-down and rotated by 90 degrees."""
+    device = next(model.parameters()).device
+    x, y = split.x_test.to(device), split.y_test.to(device)
+    return {name: accuracy(model, transform(x), y) for name, transform in TEST_TRANSFORMS.items()}
+
+
+def fold_conv_bn(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every conv + BatchNorm pair the data flow proves folded into the conv."""
+    model = copy.deepcopy(model).eval()
+    for site in plan(model, min_kernel=1).sites:
+        if site.bn:
+            conv, bn = model.get_submodule(site.name), model.get_submodule(site.bn)
+            replace_module(model, site.name, fuse_conv_bn_eval(conv, bn))
+            replace_module(model, site.bn, nn.Identity())
+    return model
+
+
+def quantize_weights(model: nn.Module, bits: int, per_channel: bool) -> nn.Module:
+    """A copy of ``model`` whose conv and linear weights are rounded to ``bits`` bits, symmetric max-abs scales.
+
+    The scale is ``max|w| / (2**(bits-1) - 1)`` over the whole weight or over each output channel; biases and
+    activations stay in float (weight-only fake quantisation).
+    """
+    model = copy.deepcopy(model)
+    levels = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                w = module.weight
+                peak = w.abs().amax(tuple(range(1, w.dim())), keepdim=True) if per_channel else w.abs().max()
+                scale = torch.where(peak > 0, peak / levels, torch.ones_like(peak))
+                w.copy_((w / scale).round().clamp(-levels, levels) * scale)
+    return model
+
+
+def int8_ptq_accuracy(model: nn.Module, calibration: Tensor, x: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy (percent) on ``(x, y)`` of a static INT8 copy of ``model`` calibrated on ``calibration``.
+
+    The copy is made on the CPU by the flow of ``acnet_convert.ptq`` (torch.ao FX, the engine's default qconfig
+    mapping: per-channel INT8 weights, INT8 activations); its upstream warnings are not shown.
+    """
+    engine = _engine_name()
+    with warnings.catch_warnings(), _engine(engine), torch.no_grad():
+        warnings.simplefilter("ignore")
+        quantized = _quantize(copy.deepcopy(model).cpu().eval(), (calibration.cpu(),), engine)
+        return accuracy(quantized, x.cpu(), y.cpu())
