@@ -333,6 +333,25 @@ def test_training_from_a_plain_checkpoint_keeps_its_function(env, tmp_path):
     assert relative(boxes, want) <= 1e-4                           # init="preserve", float32
 
 
+def test_fine_tuning_an_acnet_model_on_other_classes_rebuilds_its_blocks(env, tmp_path):
+    from ultralytics import YOLO
+
+    from acnet_convert.integrations.ultralytics import acify_model, acnet_trainer
+
+    torch.manual_seed(0)
+    source = acify_model(original("yolov8n.yaml"), init="scratch")
+    data = tmp_path / "two.yaml"
+    data.write_text(env["data"].read_text().replace("  0: square\n", "  0: square\n  1: circle\n"))
+    model = YOLO("yolov8n.yaml")
+    overrides = {**train_args(env, "two"), "data": str(data), "model": "yolov8n.yaml"}
+    trainer = acnet_trainer(model, mode="fast")(overrides=overrides)
+    tuned = trainer.get_model(cfg="yolov8n.yaml", weights=source, verbose=False)
+    assert tuned.model[-1].nc == 2 and count_blocks(tuned) == count_blocks(source)
+    assert {type(m) for m in tuned.modules() if is_block(m)} == {type(m) for m in source.modules() if is_block(m)}
+    backbone = {k: v for k, v in source.state_dict().items() if k.startswith("model.0.")}
+    assert backbone and all(torch.equal(tuned.state_dict()[k], v) for k, v in backbone.items())
+
+
 def test_user_errors_name_the_fix(env):
     from ultralytics import YOLO
 

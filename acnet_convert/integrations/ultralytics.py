@@ -47,7 +47,7 @@ class _ACNetTrainer:
         if report is None:
             return acify_model(model, **self.acnet_options)
         apply_plan(model, report)
-        _load_trained(model, weights)
+        model.load(weights)  # what fits, as Ultralytics transfers it: a head for other classes starts afresh
         model.fuse = _DeployThenFuse(model)
         return model
 
@@ -129,17 +129,6 @@ def _trained_plan(weights: nn.Module | None) -> Any:
             "start from the checkpoint the ACNet trainer wrote"
         )
     return report
-
-
-def _load_trained(model: nn.Module, weights: nn.Module) -> None:
-    """Load ``weights`` like Ultralytics does; every block tensor must match, not only the ones that fit."""
-    model.load(weights)
-    source = weights.state_dict()
-    blocks = [name for name, m in model.named_modules() if is_block(m)]
-    for key, value in model.state_dict().items():
-        inside = any(key.startswith(f"{name}.") for name in blocks)
-        if inside and (key not in source or source[key].shape != value.shape):
-            raise ACNetError(f"the checkpoint does not fit the blocks rebuilt from its plan ({key}): it is damaged")
 
 
 def _absorbed_bn(module: nn.Module) -> bool:
