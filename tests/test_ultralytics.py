@@ -316,6 +316,35 @@ def test_ultralytics_fuse_deploys_every_block_kind_exactly(env, kind, mode):
     assert relative(got, want) <= 1e-4                             # float32 on both sides
 
 
+@pytest.mark.parametrize("cfg", ["yolov8n-cls.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-obb.yaml",
+                                 "yolov10n.yaml"])  # fmt: skip
+def test_ultralytics_fuse_deploys_the_blocks_of_every_task(env, cfg):
+    from ultralytics import YOLO
+
+    from acnet_convert.integrations.ultralytics import acify_model
+
+    torch.manual_seed(0)
+    model = YOLO(cfg).model
+    own = [m for m in model.modules() if type(m).__name__ in ("RepConv", "RepVGGDW", "Conv2")]  # fused by Ultralytics
+    expected = eligible_convs(model) - sum(eligible_convs(m) for m in own)
+    model = acify_model(model, init="scratch").eval()
+    assert count_blocks(model) == expected > 0
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        want = first_tensor(model(x))
+        fused = model.fuse(verbose=False)
+        got = first_tensor(fused(x))
+    assert count_blocks(fused) == 0 and fused.is_fused()
+    assert relative(got, want) <= 1e-4                             # float32 on both sides
+
+
+def first_tensor(output: object) -> torch.Tensor:
+    """The first tensor of a model's (possibly nested) output."""
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    return output
+
+
 def test_training_from_a_plain_checkpoint_keeps_its_function(env, tmp_path):
     from ultralytics import YOLO
 

@@ -151,4 +151,5 @@ def _example_input(model: nn.Module) -> torch.Tensor:
 
 
 def _as_list(patterns: Any) -> list[str]:
+    """``include``/``exclude`` patterns as a list."""
     return [] if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
