@@ -109,7 +109,7 @@ class ACBranch(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if any(self.crop):
-            x = x[(..., *(slice(c, size - c) for c, size in zip(self.crop, x.shape[-len(self.crop) :])))]
+            x = x[(..., *(slice(c, -c or None) for c in self.crop))]
         y = self.conv(x)
         if any(self.pad):  # before the BN, so that the BN's bias lands there too, as in the fused conv
             y = F.pad(y, [p for p in reversed(self.pad) for _ in range(2)])

@@ -79,7 +79,7 @@ def acify(
     if not inplace:
         model = copy.deepcopy(model)
     apply_plan(model, report, init=init, gamma_init=gamma_init)
-    if report.trace_failures and example_inputs is None:
+    if example_inputs is None:
         _warn_untraced(report)
     return model
 
@@ -219,9 +219,12 @@ def _check_block_choice(block: BlockChoice, mode: str) -> None:
 
 
 def _warn_untraced(report: Plan) -> None:
-    first = next(iter(report.trace_failures)) or "<root>"
+    """One warning when code torch.fx cannot trace left convs unconverted or without their BatchNorm."""
     skipped = sum(1 for s in report.skipped if "example_inputs" in s.reason)
     alone = sum(1 for s in report.converted if s.evidence == "source")
+    if not skipped and not alone:
+        return
+    first = next(iter(report.trace_failures)) or "<root>"
     warn(
         f"torch.fx could not trace {len(report.trace_failures)} module(s) (first: {first}): {skipped} conv(s) there "
         f"were left unconverted and {alone} converted without their BatchNorm; pass example_inputs=(a batch the "
