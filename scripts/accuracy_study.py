@@ -31,9 +31,19 @@ from torch import nn
 
 from acnet_convert import ACNetError, acify, deploy, quant_report
 from acnet_convert.experiment import (
-    Recipe, Split, accuracy, fold_conv_bn, int8_ptq_accuracy, load_cifar10, load_digits, predict, quantize_weights,
-    single_thread, train, transformed_accuracy,
-)  # fmt: skip
+    Recipe,
+    Split,
+    accuracy,
+    fold_conv_bn,
+    int8_ptq_accuracy,
+    load_cifar10,
+    load_digits,
+    predict,
+    quantize_weights,
+    single_thread,
+    train,
+    transformed_accuracy,
+)
 from acnet_convert.models import CifarResNet, SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent

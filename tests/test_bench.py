@@ -1,4 +1,4 @@
-"""scripts/bench.py at smoke size: it runs, its report is complete and consistent, and its candidates are exact.
+"""scripts/bench.py at smoke size: it runs, and its record and page are complete and consistent.
 
 Timings are printed by the benchmark, never checked here; what is checked is deterministic (structure, counts).
 """
@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from acnet_convert import acify
 
@@ -28,6 +27,8 @@ def load(name):
 
 
 bench = load("bench")
+render = sys.modules["bench_render"]
+FAST = [km for km in bench.KIND_MODES if km.endswith("-fast")]
 
 
 @pytest.fixture(scope="module")
@@ -40,39 +41,55 @@ def smoke(tmp_path_factory):
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), done.stdout
 
 
-def test_training_table_has_every_variant_with_consistent_ratios(smoke):
+def test_training_table_has_every_kind_and_mode_with_consistent_ratios(smoke):
     result, _, _ = smoke
     cases = {(r["model"], r["batch"], r["side"]) for r in result["train"]}
-    assert cases == set(bench.SMOKE.train)
+    assert cases == set(bench.SMOKE.train) and result["smoke"] is True
     for case in cases:
         rows = {r["variant"]: r for r in result["train"] if (r["model"], r["batch"], r["side"]) == case}
-        assert set(rows) == {"original", "exact", "fast", "naive"}
+        assert set(rows) == {"original", "naive", *bench.KIND_MODES}
         for row in rows.values():
             assert row["wall_ms"] > 0 and len(row["wall_samples"]) == bench.SMOKE.repeats
-            assert row["wall_ms_ratio"] == pytest.approx(row["wall_ms"] / rows["original"]["wall_ms"], rel=1e-12)
-        # deterministic facts: the naive reference and exact mode build the same blocks; fast mode runs one conv
-        assert rows["naive"]["params"] == rows["exact"]["params"]
-        assert rows["naive"]["forward_flops"] == rows["exact"]["forward_flops"] > rows["original"]["forward_flops"]
-        assert rows["fast"]["forward_flops"] == rows["original"]["forward_flops"]
-        # the allocator's peak includes the extra kernels' parameters and momentum, at the least
-        model = acify(torchvision.models.get_model(case[0]), mode="fast")
-        extra = sum(p.nbytes for n, p in model.named_parameters() if n.split(".")[-1] not in ("weight", "bias"))
-        assert rows["fast"]["peak_bytes"] - rows["original"]["peak_bytes"] >= 2 * extra
-        assert rows["exact"]["peak_bytes"] > rows["original"]["peak_bytes"]
+            for key in ("wall_ms", "peak_bytes", "forward_flops"):
+                assert row[f"{key}_ratio"] == pytest.approx(row[key] / rows["original"][key], rel=1e-12)
+        # deterministic facts: the naive reference and exact ACB build the same blocks; fast ACB and RepVGG run
+        # one conv of the original's size; exact DBB adds more branches than exact ACB
+        assert rows["naive"]["params"] == rows["acb-exact"]["params"]
+        assert rows["naive"]["forward_flops"] == rows["acb-exact"]["forward_flops"] > rows["original"]["forward_flops"]
+        assert rows["acb-fast"]["forward_flops"] == rows["repvgg-fast"]["forward_flops"]
+        assert rows["repvgg-fast"]["forward_flops"] == rows["original"]["forward_flops"]
+        assert rows["dbb-exact"]["forward_flops"] > rows["acb-exact"]["forward_flops"]
+        # the allocator's peak includes the extra parameters and their momentum, at the least
+        for kind_mode in FAST:
+            extra = 4 * (rows[kind_mode]["params"] - rows["original"]["params"])  # float32 bytes
+            assert extra > 0 and rows[kind_mode]["peak_bytes"] - rows["original"]["peak_bytes"] >= 2 * extra
+        for kind_mode in set(bench.KIND_MODES) - set(FAST):
+            assert rows[kind_mode]["peak_bytes"] > rows["original"]["peak_bytes"]
 
 
-def test_deployed_models_have_the_parameter_count_of_the_folded_original(smoke):
+def test_block_counts_match_what_acify_converts():
+    model = torchvision.models.resnet18()
+    for kind_mode in bench.KIND_MODES:
+        converted = bench.converted(model, kind_mode)
+        kind, mode = kind_mode.split("-")
+        names = [site.name for site in acify(model, block=kind, mode=mode).acnet_plan.converted]
+        assert [site.name for site in converted.acnet_plan.converted] == names
+        assert {s.kind for s in converted.acnet_plan.converted} == {kind}
+
+
+def test_every_deployed_model_has_the_parameter_count_of_the_folded_original(smoke):
     result, _, _ = smoke
     rows = {r["variant"]: r for r in result["inference"]}
     assert rows["original, conv+BN folded"]["params"] < rows["original"]["params"]
-    for variant in ("exact, deployed and folded", "fast, deployed and folded"):
-        assert rows[variant]["params_equal_folded"] and rows[variant]["wall_ms"] > 0
+    assert set(rows) == {"original", "original, conv+BN folded", *(f"{km}, deployed and folded" for km in
+                                                                    bench.KIND_MODES)}  # fmt: skip
+    for variant in rows:
+        assert rows[variant]["wall_ms"] > 0
+        assert rows[variant]["params_equal_folded"] == (variant != "original")
 
 
-def test_candidates_and_conversion_sections_are_complete(smoke):
+def test_conversion_section_is_complete(smoke):
     result, _, _ = smoke
-    assert [r["candidate"] for r in result["candidates"]] == list(bench.CANDIDATES)
-    assert all(r["memory_ratio"] > 0 and r["wall_ratio"] > 0 for r in result["candidates"])
     assert {(r["mode"], r["inplace"]) for r in result["convert"]["resnet50"]} == {
         (m, i) for m in ("exact", "fast") for i in (False, True)
     }
@@ -85,16 +102,21 @@ def test_report_describes_the_machine_and_every_section(smoke):
     result, text, stdout = smoke
     assert text in stdout
     assert result["machine"]["cpu"] in text and f"{result['machine']['cores']} cores" in text
-    for heading in ("## Summary", "### Training step", "### Inference after deployment", "### What was tried",
+    for heading in ("## Summary", "## Targets", "### Training step", "### Inference after deployment",
                     "### acify + deploy", "## Notes on the figures"):  # fmt: skip
         assert heading in text
+    assert "### What was tried" not in text  # only records that measured candidates have that table
     assert f"## CPU: {result['machine']['cpu']}" in text and result["command"] in text
+    summary = text[text.index("## Summary") : text.index("## Targets")]
+    assert summary.count("| CPU: ") == len(bench.SMOKE.train)
+    header = next(line for line in summary.splitlines() if line.startswith("| machine |"))
+    assert all(f" {km.replace('-', ', ')} |" in header for km in bench.KIND_MODES)
 
 
 def test_render_joins_the_results_of_one_machine_and_gives_each_machine_its_part(smoke, tmp_path):
     result, _, _ = smoke
     train_only = {**result, "sections": ["train"], "command": "python scripts/bench.py --sections train"}
-    for section in ("inference", "candidates", "convert"):
+    for section in ("inference", "convert"):
         del train_only[section]
     gpu = {**train_only, "machine": {**result["machine"], "device": "cuda", "accelerator": "Some GPU"}}
     files = []
@@ -108,35 +130,56 @@ def test_render_joins_the_results_of_one_machine_and_gives_each_machine_its_part
     cpu_part = page[page.index("## CPU: ") : page.index("## GPU: ")]
     assert result["command"] in cpu_part and train_only["command"] in cpu_part
     cases = len(bench.SMOKE.train)
-    assert cpu_part.count("| `acify` (exact) |") == 2 * cases  # the CPU training rows of both commands
-    summary = page[page.index("## Summary") : page.index("## CPU: ")]
+    assert cpu_part.count('| `block="dbb"`, exact |') == 2 * cases  # the CPU training rows of both commands
+    summary = page[page.index("## Summary") : page.index("## Targets")]
     assert summary.count("| CPU: ") == cases and summary.count("| GPU: Some GPU |") == cases  # one row per case
 
 
-def small_net():
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2, stride=2),
-        nn.BatchNorm2d(8, momentum=0.3),
-    ).double()  # fmt: skip
+def case_rows(variant_ratios: dict[str, tuple[float, float, float]], model="resnet18", batch=32, side=224):
+    """Training rows of one case: variant -> (step ratio, memory ratio, FLOP ratio)."""
+    return [{"model": model, "batch": batch, "side": side, "variant": v, "wall_ms": 100 * w, "cpu_ms": 100 * w,
+             "wall_ms_ratio": w, "cpu_ms_ratio": w, "peak_bytes": 2**20 * m, "peak_bytes_ratio": m,
+             "forward_flops_ratio": f, "compiled": None} for v, (w, m, f) in variant_ratios.items()]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "mode, candidate",
-    [("exact", bench._sum_out_of_place), ("exact", bench._joint_asymmetric), ("exact", bench._custom_batch_norm_sum),
-     ("exact", bench._asymmetric_channels_last),
-     ("fast", bench._fast_recomputed), ("fast", bench._fast_padded)],  # fmt: skip
-)
-def test_every_candidate_computes_what_the_shipped_block_computes(mode, candidate):
-    shipped = acify(small_net(), init="scratch", mode=mode).train()
-    other = bench._with_forward(shipped, candidate)
-    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
-    want, got = shipped(x), other(x)
-    assert (want - got).abs().max().item() <= 1e-12  # float64 rounding only
-    grads = [torch.autograd.grad(out.square().sum(), list(m.parameters()))
-             for out, m in ((want, shipped), (got, other))]  # fmt: skip
-    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for a, b in zip(*grads))
-    assert all(torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-14)
-               for a, b in zip(shipped.buffers(), other.buffers()))  # BatchNorm statistics  # fmt: skip
+def record(train: list[dict], device="cpu") -> dict:
+    machine = {"cpu": "Test CPU", "cores": 2, "torch_threads": 2, "device": device, "accelerator": None,
+               "torch": "t", "torchvision": "v", "python": "p", "load_average": [0.5, 0.5, 0.5]}  # fmt: skip
+    return {"machine": machine, "sections": ["train"], "train": train, "load_average_end": [0.5, 0.5, 0.5],
+            "command": "python scripts/bench.py", "smoke": False}  # fmt: skip
+
+
+def target_verdicts(page: str) -> dict[str, str]:
+    section = page[page.index("## Targets") :].split("\n## ")[0]
+    return {row.split(" | ")[0].lstrip("| "): row.rstrip(" |").split(" | ")[-1] for row in section.splitlines()
+            if row.startswith("| dbb")}  # fmt: skip
+
+
+def test_targets_are_met_or_missed_by_the_recorded_figures():
+    ratios = {"original": (1.0, 1.0, 1.0), "dbb-fast": (1.10, 1.30, 1.2), "dbb-exact": (2.50, 2.0, 2.34)}
+    verdicts = target_verdicts(render.markdown([record(case_rows(ratios))]))
+    assert verdicts == {
+        "dbb, fast, resnet18, batch 32, 224x224: step time": "met",
+        "dbb, fast, resnet18, batch 32, 224x224: peak memory": "**missed**",
+        "dbb, exact, resnet18, batch 32, 224x224: step ratio over FLOP ratio (2.50x / 2.34)": "met",
+    }
+    ratios = {"original": (1.0, 1.0, 1.0), "dbb-fast": (1.16, 1.20, 1.2), "dbb-exact": (2.60, 2.0, 2.30)}
+    verdicts = target_verdicts(render.markdown([record(case_rows(ratios))]))
+    assert list(verdicts.values()) == ["**missed**", "met", "**missed**"]
+    gpu_only = render.markdown([record(case_rows(ratios), device="cuda")])
+    assert "## Targets" not in gpu_only  # the targets are the CPU's
+
+
+def test_records_from_before_the_block_kinds_render_under_the_acb_names():
+    old = record(case_rows({"original": (1.0, 1.0, 1.0), "exact": (1.8, 1.7, 1.6), "fast": (1.2, 1.5, 1.0)}))
+    page = render.markdown([old])
+    old["inference"] = [{"variant": "exact, deployed and folded"}]
+    new = render.normalised(old)
+    assert [r["variant"] for r in new["train"]] == ["original", "acb-exact", "acb-fast"]
+    assert new["inference"][0]["variant"] == "acb-exact, deployed and folded"
+    assert old["train"][1]["variant"] == "exact"  # the record itself is left as it was
+    assert "| acb, exact | acb, fast |" in page and "1.80x / 1.70x | 1.20x / 1.50x |" in page
+    assert "Block kinds and modes measured in this part: acb-exact, acb-fast." in page
 
 
 def test_naive_reference_converts_what_acify_converts_in_resnet18():
