@@ -518,7 +518,7 @@ def make_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def code_version() -> str:
-    """The git commit the study ran on, noting uncommitted changes to the library or the script."""
+    """The git commit the study starts on, noting uncommitted changes to the library or the script."""
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
@@ -551,7 +551,7 @@ def study(args: argparse.Namespace, split: Split) -> dict:
     """Train every variant for every seed; the JSON-ready record of the setup and the runs."""
     recipe = make_recipe(args)
     variants = variants_of(args.kind_modes, args.gamma_list)
-    loads, runs, start = load_average(), [], time.perf_counter()
+    code, loads, runs, start = code_version(), load_average(), [], time.perf_counter()
     with single_thread():
         for seed in range(args.seeds):
             for variant in variants:
@@ -567,7 +567,7 @@ def study(args: argparse.Namespace, split: Split) -> dict:
         "test_size": len(split.y_test), "image_shape": "x".join(map(str, split.x_train.shape[1:])),
         "device": args.device, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "seconds": time.perf_counter() - start, "load_averages": loads,
-        "command": args.command, "code": code_version(),
+        "command": args.command, "code": code,
     }  # fmt: skip
     return {"setup": setup, "runs": runs}
 
