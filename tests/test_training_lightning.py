@@ -107,6 +107,29 @@ def test_resuming_fit_from_an_acified_checkpoint_is_bit_identical(tmp_path):
         assert torch.equal(want[name], got[name]), name  # weights, BN statistics and momentum all carried over
 
 
+@pytest.mark.parametrize(("kind", "mode"), [("dbb", "exact"), ("dbb", "fast"), ("repvgg", "exact"),
+                                           ("repvgg", "fast"), ("qarepvgg", "exact")])  # fmt: skip
+def test_every_block_kind_trains_resumes_from_the_recorded_plan_and_writes_original_weights(tmp_path, kind, mode):
+    first = trainer(ACNetCallback(block=kind, mode=mode, init="scratch"), 2)
+    first.fit(Classifier(), loader())
+    first.save_checkpoint(tmp_path / "step2.ckpt")
+    assert torch.load(tmp_path / "step2.ckpt", weights_only=False)["acnet_plan"]["sites"][0]["kind"] == kind
+
+    module = Classifier()
+    callback = ACNetCallback(block="acb", out=tmp_path / "original.safetensors", format="original")  # the plan wins
+    resumed = trainer(callback, 4)
+    resumed.fit(module, loader(), ckpt_path=tmp_path / "step2.ckpt")
+    assert resumed.global_step == 4 and {s.kind for s in module.acnet_plan.converted} == {kind}
+    original = Classifier()
+    load_model(original, tmp_path / "original.safetensors", strict=True)  # the unmodified LightningModule
+    verify(module, original, torch.randn(4, 3, 12, 12), rtol=1e-5)  # relative to max(1, max|ref|)
+
+
+def test_callback_refuses_an_unknown_format():
+    with pytest.raises(ACNetError, match="unknown format 'onnx'"):
+        ACNetCallback(format="onnx")
+
+
 def test_callback_names_the_fix_when_the_layers_are_built_later():
     with pytest.raises(ACNetError, match="configure_model"):
         trainer(ACNetCallback(), 1).fit(LateClassifier(), loader())

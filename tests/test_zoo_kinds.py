@@ -1,0 +1,67 @@
+"""Every torchvision classification and segmentation model with the DBB and RepVGG block kinds: preserve init,
+a train step, exact deployment, parameter counts."""
+
+import pytest
+import torch
+from test_training_zoo import give_bn_statistics
+from test_zoo import INPUT_SIZE, VIT
+from torch import nn
+from torchvision import models
+
+from acnet_convert import acify, deploy, verify
+from roundtrip import calibrate_bn, eligible_convs, n_params, output_sum
+
+KINDS = ("dbb", "repvgg")
+CLASSIFICATION = models.list_models(module=models)
+SEGMENTATION = models.list_models(module=models.segmentation)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def expected_kinds(model: nn.Module, kind: str) -> dict[str, str]:
+    """The kind each conv should get, by the rules of each block, counted without the library: plain Conv2d with
+    odd sides other than 1x1 (and, for DBB, no dilation) take ``kind``; other convs ACB can take fall back to it."""
+    acb = {id(m) for m in eligible_convs(model)}
+    expected = {}
+    for name, m in model.named_modules():
+        sides = getattr(m, "kernel_size", ())
+        takes = type(m) is nn.Conv2d and all(k % 2 for k in sides) and max(sides) > 1
+        if takes and (kind != "dbb" or m.dilation == (1, 1)):
+            expected[name] = kind
+        elif id(m) in acb:
+            expected[name] = "acb"
+    return expected
+
+
+def check_kind(model: nn.Module, kind: str, x: torch.Tensor) -> None:
+    give_bn_statistics(model)
+    acified = acify(model.eval(), block=kind, init="preserve", example_inputs=(x,))
+    verify(model, acified, x, rtol=1e-5)  # preserve init: every output within 1e-5 x max(1, max|original|)
+    report = acified.acnet_plan
+    assert {s.name: s.kind for s in report.converted} == expected_kinds(model, kind)
+
+    acified.train()
+    output_sum(acified(x)).backward()
+    calibrate_bn(acified, (x,))
+    acified.double()
+    deployed = deploy(acified)
+    verify(acified, deployed, x.double(), rtol=1e-6)  # float64: the conversion, not float32 rounding
+    absorbed = sum(n_params(model.get_submodule(s.bn)) for s in report.converted if s.bn)
+    added_bias = sum(model.get_submodule(s.name).out_channels for s in report.converted if not s.conv_bias)
+    assert n_params(deployed) == n_params(model) - absorbed + added_bias
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", CLASSIFICATION)
+def test_classification_model(name, kind):
+    size = INPUT_SIZE.get(name, 32)
+    model = models.get_model(name, weights=None, **({"image_size": size} if name in VIT else {}))
+    check_kind(model, kind, torch.randn(2, 3, size, size))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", SEGMENTATION)
+def test_segmentation_model(name, kind):
+    aux = {} if name.startswith("lraspp") else {"aux_loss": True}
+    model = models.get_model(name, weights=None, weights_backbone=None, **aux)
+    check_kind(model, kind, torch.randn(2, 3, 64, 64))
