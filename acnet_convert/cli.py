@@ -305,17 +305,18 @@ def guarded(command: Callable[..., None]) -> Callable[..., None]:
             session.finish()
             return
         except (VerificationError, NothingConverted) as exc:
-            message, code = str(exc), EXIT_FAILED
+            error, message, code = exc, str(exc), EXIT_FAILED
         except ACNetError as exc:
-            message, code = str(exc), EXIT_INPUT
-        except KeyboardInterrupt:
-            message, code = "interrupted", EXIT_INTERRUPTED
+            error, message, code = exc, str(exc), EXIT_INPUT
+        except KeyboardInterrupt as exc:
+            error, message, code = exc, "interrupted", EXIT_INTERRUPTED
         except typer.Exit:
             raise
         except Exception as exc:
-            message, code = f"unexpected {_first_line(exc)} (rerun with --debug for the traceback)", EXIT_UNEXPECTED
+            error, code = exc, EXIT_UNEXPECTED
+            message = f"unexpected {_first_line(exc)} (rerun with --debug for the traceback)"
         if debug:
-            traceback.print_exc()
+            traceback.print_exception(error)
         session.fail(message, code)
         raise typer.Exit(code)
 

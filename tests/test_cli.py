@@ -21,7 +21,8 @@ import torch
 from typer.testing import CliRunner
 
 from acnet_convert import __version__, acify, deploy, plan, verify
-from acnet_convert import cli as cli_module
+from acnet_convert import convert as convert_module
+from acnet_convert import export as export_module
 from acnet_convert.checkpoint import metadata, read, write
 from acnet_convert.cli import DEFAULT_OPTIONS, app
 from acnet_convert.spec import ModelSpec
@@ -76,7 +77,7 @@ SPECS = [
 X = torch.randn(2, 3, 16, 16)
 SCRIPT = Path(sys.executable).with_name("acnet")
 MODES = ["in-process", "subprocess"]
-COMMANDS = ["inspect", "convert", "deploy", "verify", "export"]
+COMMANDS = ["inspect", "convert", "deploy", "verify", "export", "quantcheck"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,7 +205,7 @@ def test_version_and_help_in_process():
     runner = CliRunner()
     assert runner.invoke(app, ["--version"]).stdout.strip() == f"acnet-convert {__version__}"
     top = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
-    assert top.exit_code == 0 and "Exit codes: 0 success; 1 verification failed" in top.stdout
+    assert top.exit_code == 0 and "Exit codes: 0 success; 1 a check failed" in top.stdout
     for command in COMMANDS:
         page = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert page.exit_code == 0 and "Examples:" in page.stdout and f"acnet {command} " in page.stdout
@@ -458,7 +459,7 @@ def test_unexpected_errors_exit_3_with_one_line(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("something inside broke")
 
-    monkeypatch.setattr(cli_module, "deploy", broken)
+    monkeypatch.setattr(convert_module, "deploy", broken)
     result = run_in_process(["inspect", "model.py"], tmp_path, monkeypatch)
     assert result.code == 3
     assert (
@@ -490,9 +491,9 @@ def test_onnx_mismatch_exits_1_and_leaves_no_file(inputs, tmp_path, monkeypatch)
         def forward(self, x):
             return torch.zeros(x.shape[0], 3) + 10.0
 
-    monkeypatch.setattr(cli_module, "_OnnxRuntime", Wrong)
+    monkeypatch.setattr(export_module, "OnnxModel", Wrong)
     result = run_in_process(["export", "model.py", *TRAINED, "--onnx", "m.onnx"], tmp_path, monkeypatch)
-    assert result.code == 1 and "outputs differ" in result.stderr
+    assert result.code == 1 and "exceeds rtol=0.0001" in result.stderr
     assert not (tmp_path / "m.onnx").exists() and not list(tmp_path.glob(".*.partial"))
 
 

@@ -96,7 +96,8 @@ def test_checkpoint_key_chooses_the_ema_entry(folder):
     ema = {key: value + 1 if value.is_floating_point() else value for key, value in model.state_dict().items()}
     torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema, "epoch": 3}, folder / "both.pt")
     torch.save({"ema_a": ema, "ema_b": ema}, folder / "ambiguous.pt")
-    result = acnet(folder, "convert", "model.py", "-w", "both.pt", "-o", "plain.safetensors", "--input-shape", "1,3,8,8")
+    result = acnet(folder, "convert", "model.py", "-w", "both.pt", "-o", "plain.safetensors", "--input-shape", "1,3,8,8",
+                   code=0)
     assert "note: read 'state_dict' of both.pt, which also holds state_dict_ema: choose with --checkpoint-key" in (
         result.stderr
     )

@@ -1,5 +1,7 @@
 """convert a torchvision model, train it in Python, deploy it in the original layout and export it to ONNX."""
 
+import json
+
 import onnxruntime
 import pytest
 import safetensors.torch
@@ -34,6 +36,7 @@ def test_torchvision_round_trip(tmp_path):
         loss.backward()
         optimizer.step()
     torch.save(model.state_dict(), tmp_path / "trained.pt")  # a plain state_dict, as a training script writes it
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "baseline.pt")
     assert model.layer1[0].conv1.branches["hor"].bn.weight.abs().max() > 0  # the new branches have been trained
 
     acnet(
@@ -59,3 +62,12 @@ def test_torchvision_round_trip(tmp_path):
     with torch.no_grad():
         want = model.eval()(x)
     assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max())  # relative 1e-4
+
+    text = acnet("quantcheck", "torchvision:resnet18", *ARGS, "-w", tmp_path / "deployed.safetensors", "--reference",
+                 tmp_path / "baseline.pt")  # fmt: skip
+    assert "torchvision:resnet18: quantisation" in text and "INT8 PTQ top-1 agreement" in text
+    report = json.loads(acnet("quantcheck", "torchvision:resnet18", *ARGS, "-w", tmp_path / "trained.pt", "--reference",
+                              tmp_path / "baseline.pt", "--json"))  # fmt: skip
+    assert len(report["layers"]) == 21 and report["ptq"]["reference"] is not None
+    assert all(layer["reference"] is not None for layer in report["layers"])
+    assert report["summary"].startswith("worst layer")
