@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .adapters import batchnorm_part, class_path, conv_adapter, norm_tail, plain_conv
 from .block import BLOCK_CONVS, LAYOUTS, resolve_padding
 from .errors import ACNetError, warn
 from .graph import BlockChoice, Plan, Site, analyze
+from .padded_block import PaddedBlock
 from .registry import DEFAULT_KIND, INITS, MODES, block_class, is_block
 from .surgery import replace_module
 
@@ -91,15 +93,18 @@ def apply_plan(model: nn.Module, report: Plan, *, init: str = "preserve", gamma_
     """
     located = [_locate_site(model, site) for site in report.converted]
     for site, (conv, bn) in zip(report.converted, located):
+        inner = plain_conv(conv) if site.adapter else conv
         block = block_class(site.kind, site.mode).from_conv(
-            conv, bn, init=init, gamma_init=gamma_init, layout=site.layout
+            inner, None if bn is None else batchnorm_part(bn), init=init, gamma_init=gamma_init, layout=site.layout
         )
+        if site.adapter:
+            block = PaddedBlock(conv_adapter(conv).pad(conv), block, conv)
         for name in site.names:
             replace_module(model, name, block)
         if bn is not None:
-            identity = nn.Identity()
+            tail = norm_tail(bn)
             for name in (site.bn, *site.bn_aliases):
-                replace_module(model, name, identity)
+                replace_module(model, name, tail)
     setattr(model, PLAN_ATTR, report)
     return model
 
@@ -146,6 +151,8 @@ def _locate_site(model: nn.Module, site: Site) -> tuple[nn.Module, nn.Module | N
                            f"{tuple(site.kernel)}, {tuple(site.stride)}")  # fmt: skip
     if conv.groups != site.groups or (conv.bias is not None) != site.conv_bias:
         _misfit(site.name, "has other groups or bias than recorded")
+    if site.adapter and (class_path(type(conv)) != site.adapter or conv_adapter(conv) is None):
+        _misfit(site.name, f"is a {class_path(type(conv))}, the record says {site.adapter} (with a conv adapter)")
     bn = None
     if site.bn:
         bn = _module_at(model, [site.bn, *site.bn_aliases], "BatchNorm")

@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .adapters import class_path, conv_adapter, norm_adapter, plain_conv
 from .block import BLOCK_CONVS
 from .errors import ACNetError, warn
 from .flow import Flow
@@ -57,6 +58,7 @@ class Site:
     conv_bias: bool = False  # whether the original conv has a bias
     bn_eps: float | None = None  # the absorbed BatchNorm's eps
     bn_affine: bool = True  # whether the absorbed BatchNorm has gamma and beta
+    adapter: str | None = None  # the conv class whose own padding the block repeats (see adapters.py)
     evidence: str = ""  # "fx", "example run" or "source": what the decision rests on
 
     @property
@@ -177,12 +179,11 @@ def _conv_site(model, name, conv, names, flows, flow, claimed, include, exclude,
     site = Site(name, tuple(conv.kernel_size), tuple(conv.stride), conv.groups, "convert",
                 conv_type=_base_conv(conv).__name__, aliases=names[id(conv)][1:], conv_bias=conv.bias is not None)
     why_not = _why_not_eligible(name, conv, flows, include, exclude)
-    calls = flow.max_calls(name)
-    if not why_not and site.aliases and calls > 1:
-        why_not = f"registered under several names and called {calls} times per forward"
     if not why_not and name not in flow.covered:
         why_not = _not_provably_called_only(model, name)
     cls, note = None, ""
+    if conv_adapter(conv) is not None:
+        site.adapter, conv = class_path(type(conv)), plain_conv(conv)
     if not why_not:
         cls, why_not, note = _choose_class(name, conv, block, mode, layout)
     why_not = why_not or _kernel_range_problem(site.kernel, min_kernel, max_kernel)
@@ -355,8 +356,9 @@ def _kernel_range_problem(kernel: tuple[int, ...], min_kernel: int, max_kernel: 
 def _why_not_eligible(name, conv, flows, include, exclude) -> str:
     """Why ``conv`` must not become a block of any kind, or '' when it may."""
     base = _base_conv(conv)
-    if any(getattr(type(conv), m, None) is not getattr(base, m, None) for m in ("forward", "_conv_forward")):
-        return f"{type(conv).__name__} overrides forward()"
+    overridden = any(getattr(type(conv), m, None) is not getattr(base, m, None) for m in ("forward", "_conv_forward"))
+    if overridden and conv_adapter(conv) is None:
+        return f"{type(conv).__name__} overrides forward() (describe it in the conv adapter table if it only pads)"
     if hasattr(conv, "parametrizations"):
         return "weight is parametrized (e.g. weight/spectral norm)"
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
@@ -382,7 +384,7 @@ def _absorbable_bn(name, modules, names, flow, claimed) -> tuple[str | None, str
         return None, "not called by forward(): converted without absorbing a BatchNorm"
     calls = flow.max_calls(name)
     if calls > 1:
-        return None, f"called {calls} times per forward"
+        return None, f"shared: called {calls} times per forward, so it absorbs no BatchNorm"
     if name in flow.blockers:
         return None, flow.blockers[name]
     bn_names = set(seen)
@@ -412,7 +414,7 @@ def _sole_bn(name: str, modules: dict[str, nn.Module], flow: Flow) -> str | None
 
 def _bn_problem(bn_name, bn, conv, flow, claimed, conv_name) -> str:
     foldable = FOLDABLE_BN[_base_conv(conv)]
-    if type(bn) not in foldable:
+    if type(bn) not in foldable and not (norm_adapter(bn) and isinstance(bn, foldable)):
         return f"is a {type(bn).__name__}, not {'/'.join(c.__name__ for c in foldable)}"
     if not bn.track_running_stats or bn.running_mean is None:
         return "tracks no running statistics, so it cannot be folded"
@@ -445,7 +447,7 @@ def _not_provably_called_only(model: nn.Module, name: str) -> str:
     for depth in range(len(parts) - 1, -1, -1):
         owner = model.get_submodule(".".join(parts[:depth]))
         try:
-            uses = _attribute_uses(type(owner), parts[-1])
+            uses = _attribute_uses(type(owner), parts[depth:])
         except (OSError, TypeError, SyntaxError):
             return f"source of {type(owner).__name__} unavailable, torch.fx cannot trace it: {hint}"
         if not all(uses):
@@ -453,8 +455,10 @@ def _not_provably_called_only(model: nn.Module, name: str) -> str:
     return ""
 
 
-def _attribute_uses(cls: type, attr: str) -> list[bool]:
-    """For each read of ``.attr`` in the methods of ``cls`` (and its non-torch bases): is it a direct call?"""
+def _attribute_uses(cls: type, path: list[str]) -> list[bool]:
+    """For each read in the methods of ``cls`` (and its non-torch bases) that can be the submodule at ``path`` (relative
+    to an instance of ``cls``): is it a direct call?"""
+    attr = path[-1]
     found: list[bool] = []
     for klass in cls.__mro__:
         if klass.__module__.startswith("torch.nn") or klass is object:
@@ -466,11 +470,25 @@ def _attribute_uses(cls: type, attr: str) -> list[bool]:
             if method == "__init__":
                 continue
             if isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.ctx, ast.Load):
+                if not _may_be(node, path):
+                    continue
                 call = parents.get(node)
                 found.append(isinstance(call, ast.Call) and call.func is node)
             elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "setattr", "delattr"):
                 found.append(not any(isinstance(a, ast.Constant) and a.value == attr for a in node.args))
     return found
+
+
+def _may_be(node: ast.Attribute, path: list[str]) -> bool:
+    """Whether ``a.b.c`` can be the submodule at ``path``: looked up on ``self``, the chain is the path; on
+    anything else, the chain is the end of the path."""
+    chain, base = [], node
+    while isinstance(base, ast.Attribute):
+        chain.insert(0, base.attr)
+        base = base.value
+    if isinstance(base, ast.Name) and base.id == "self":
+        return chain == path
+    return len(chain) <= len(path) and path[len(path) - len(chain) :] == chain
 
 
 def _enclosing_function(node: ast.AST, parents: dict) -> str | None:

@@ -305,9 +305,13 @@ class CalledTwiceUnderTwoNames(CalledTwice):
         self.alias = self.conv
 
 
-def test_conv_registered_twice_and_called_twice_is_skipped():
-    s = site(plan(CalledTwiceUnderTwoNames()), "conv")
-    assert s.action == "skip" and s.reason == "registered under several names and called 2 times per forward"
+def test_conv_registered_twice_and_called_twice_is_one_shared_block():
+    model = CalledTwiceUnderTwoNames()
+    s = site(plan(model), "conv")
+    assert (s.action, s.bn, s.aliases) == ("convert", None, ["alias"])
+    assert s.reason == "shared: called 2 times per forward, so it absorbs no BatchNorm"
+    acified, deployed = assert_round_trip(model, torch.randn(2, 8, 6, 6))
+    assert acified.alias is acified.conv and deployed.alias is deployed.conv
 
 
 def test_include_and_exclude_patterns():

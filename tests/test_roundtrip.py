@@ -170,10 +170,11 @@ def test_timm_batchnormact_model_writes_original_weights_after_training(tmp_path
     x = torch.randn(4, 3, 32, 32)
     train_steps(model, x, steps=2, lr=0.01)
     calibrate_bn(model, (x,))
-    alone = [s for s in model.acnet_plan.converted if s.bn_after and not s.bn]
-    assert alone and all(type(model.get_submodule(s.bn_after)).__name__ == "BatchNormAct2d" for s in alone)
+    fresh = build()
+    absorbed = [s for s in model.acnet_plan.converted if s.bn]
+    assert absorbed and all(type(fresh.get_submodule(s.bn)).__name__ == "BatchNormAct2d" for s in absorbed)
     deployed = deploy(model)
-    assert all(deployed.get_submodule(s.name).bias.abs().max() > 0 for s in alone)  # the fused biases are nonzero
+    assert all(deployed.get_submodule(s.name).bias.abs().max() > 0 for s in absorbed)  # the fused biases are nonzero
     save_weights(model, tmp_path / "trained.safetensors")
     acnet("deploy", spec, "-w", tmp_path / "trained.safetensors", "--out", tmp_path / "o.safetensors",
           "--format", "original")  # fmt: skip
@@ -181,6 +182,24 @@ def test_timm_batchnormact_model_writes_original_weights_after_training(tmp_path
         fresh = build()
         fresh.load_state_dict(state, strict=True)
         verify(model, fresh, x, rtol=1e-5)  # eval outputs, relative to max(1, max|ref|)
+
+
+class NormThenReLU(nn.BatchNorm2d):
+    """A BatchNorm subclass with an activation inside and no adapter: never absorbed."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def test_a_fused_bias_goes_into_the_running_mean_of_a_batchnorm_that_alone_follows_the_conv():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), NormThenReLU(8), nn.Conv2d(8, 2, 3))
+    x = torch.randn(4, 3, 8, 8)
+    acified = train_steps(acify(model, init="scratch"), x).eval()
+    site = acified.acnet_plan.converted[0]
+    assert (site.bn, site.bn_after) == (None, "1") and deploy(acified)[0].bias.abs().max() > 0
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), NormThenReLU(8), nn.Conv2d(8, 2, 3))
+    fresh.load_state_dict(original_state_dict(acified), strict=True)
+    verify(acified, fresh, x, rtol=1e-5)  # BN(z + b) = BN(z) with running_mean - b
 
 
 def tiny_cnn():
