@@ -308,7 +308,7 @@ def test_shell_completion_completes_commands_and_choices(tmp_path):
 
     assert complete("acnet quant") == ["quantcheck"]
     assert complete("acnet convert m.py --mode ") == ["exact", "fast"]
-    shown = subprocess.run([str(ACNET), "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    shown = subprocess.run(["bash", "-c", f"{ACNET} --show-completion"], capture_output=True, text=True, timeout=60)
     assert "_ACNET_COMPLETE" in shown.stdout
 
 
