@@ -11,7 +11,7 @@ import re
 
 OTHER = "other"
 _RULES: tuple[tuple[str, str], ...] = (  # (code, regular expression matched at the start of one part)
-    ("overrides-forward", r"\w+ overrides forward\(\)$"),
+    ("overrides-forward", r"\w+ overrides forward\(\)"),
     ("parametrized", r"weight is parametrized"),
     ("lazy", r"lazy conv not initialised"),
     ("not-floating-point", r"weight dtype .* is not floating point"),
@@ -21,7 +21,6 @@ _RULES: tuple[tuple[str, str], ...] = (  # (code, regular expression matched at 
     ("extra-arguments", r"called with extra arguments"),
     ("attribute-read", r"its attribute \S+ is read directly"),
     ("parameter-used-outside", r"a parameter of it is used by .* outside its call"),
-    ("aliased-repeated-calls", r"registered under several names and called \d+ times"),
     ("untraceable-container", r"in a \w+ used by code torch\.fx cannot trace"),
     ("untraceable-no-source", r"source of \w+ unavailable"),
     ("untraceable-attribute-use", r"\w+ uses \.\w+ other than by calling it"),
@@ -29,7 +28,7 @@ _RULES: tuple[tuple[str, str], ...] = (  # (code, regular expression matched at 
     ("above-max-kernel", r"kernel side above max_kernel"),
     ("untraceable-called-only", r"in code torch\.fx cannot trace, only ever called"),
     ("not-called", r"not called by forward\(\)"),
-    ("repeated-calls", r"called \d+ times per forward"),
+    ("repeated-calls", r"shared: called \d+ times per forward"),
     ("output-unused", r"its output is (unused|not used)"),
     ("output-shared", r"its output feeds \d+ operations"),
     ("output-returned", r"its output is returned by forward\(\)"),

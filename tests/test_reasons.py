@@ -55,6 +55,8 @@ def test_every_reason_the_planner_gives_has_a_code(options):
         ("repvgg: 1x1 conv: the branches would add nothing a 1x1 kernel cannot hold; converted as acb",
          "kind-unsupported"),
         ("has hooks registered on it", "hooks"),
+        ("shared: called 2 times per forward, so it absorbs no BatchNorm", "repeated-calls"),
+        ("MyConv overrides forward() (describe it in the conv adapter table if it only pads)", "overrides-forward"),
         ("something new", OTHER),
     ],
 )
