@@ -22,6 +22,8 @@ from .graph import Plan, Site, names_by_module
 from .registry import is_block, kinds
 
 FORMATS = checkpoint.FORMATS
+ORIGIN_ATTR = "acnet_origin"  # how a loaded model was built (spec, arguments, input shapes), written back on save
+_ORIGIN_KEYS = ("spec", "args", "input_shape")
 
 
 def save_weights(
@@ -37,7 +39,8 @@ def save_weights(
     ``"acified"`` (the default for a model with blocks): the training form, rebuilt by ``load``; ``"plain"`` (the
     default without blocks): the deployed form; ``"original"``: weights that load with ``strict=True`` into the
     unmodified model class.  ``.safetensors`` (recommended) or ``.pt``/``.pth``; missing folders are created.
-    ``origin`` adds how the model was built (the command line records its spec and arguments).
+    ``origin`` adds how the model was built (the command line records its spec and arguments); a model that
+    ``load`` returned carries what its file recorded, and writes it again.
     """
     path = Path(path)
     has_blocks = any(is_block(m) for m in model.modules())
@@ -53,23 +56,25 @@ def save_weights(
     else:
         state = model.state_dict()
     report = getattr(model, PLAN_ATTR, None)
-    metadata = checkpoint.metadata(fmt, report, model=_class_path(model), **dict(origin or {}))
+    recorded = {**getattr(model, ORIGIN_ATTR, {}), **dict(origin or {})}
+    metadata = checkpoint.metadata(fmt, report, model=_class_path(model), **recorded)
     path.parent.mkdir(parents=True, exist_ok=True)
     return checkpoint.write(path, state, metadata, force=force)
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False, key: str | None = None) -> nn.Module:
     """``model`` (freshly built, unmodified) in the form the file at ``path`` holds, its weights loaded strictly.
 
     An acified file gives the acified model (ready to resume training), a plain one the deployed model, an
     original one the model itself.  The structure comes from the plan recorded in the file: nothing is traced
-    or run.  Files without a recorded plan are rebuilt from the options they record.  A copy unless ``inplace``.
+    or run.  Files without a recorded plan are rebuilt from the options they record.  A copy unless ``inplace``;
+    ``key`` picks the entry of a PyTorch checkpoint that holds several state dicts (e.g. ``"state_dict_ema"``).
     """
     if not isinstance(model, nn.Module):
         raise ACNetError(f"load expects the freshly built torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, PLAN_ATTR):
         raise ACNetError("load takes the unmodified model, but this one was acified already: build it afresh")
-    ckpt = checkpoint.read(path)
+    ckpt = checkpoint.read(path, key)
     fmt, recorded = ckpt.get("format"), ckpt.plan
     if not inplace:
         model = copy.deepcopy(model)
@@ -84,6 +89,9 @@ def load(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False) ->
     if fmt == "plain" and any(is_block(m) for m in model.modules()):
         deploy(model, inplace=True, check=False)  # the structure only: the weights come from the file
     checkpoint.load_strict(model, ckpt.state_dict, source=str(path), hint=_written_for(ckpt))
+    origin = {name: ckpt.get(name) for name in _ORIGIN_KEYS if ckpt.get(name) is not None}
+    if origin:
+        setattr(model, ORIGIN_ATTR, origin)
     return model
 
 

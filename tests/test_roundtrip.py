@@ -133,6 +133,7 @@ def test_unet_round_trip_in_python_and_on_the_command_line(models, tmp_path):
     spec, shape = f"{path}:UNet", ["--input-shape", "2,3,16,16"]
     acnet("convert", spec, *shape, "--out", tmp_path / "a.safetensors")
     model = load(namespace["UNet"](), tmp_path / "a.safetensors")  # no example input needed: the plan is recorded
+    assert model.acnet_origin == {"spec": spec, "args": [], "input_shape": [2, 3, 16, 16]}  # written back on save
     assert [s.bn for s in model.acnet_plan.converted] == ["bn1", "bn2", "bn3"]  # up (2x2) has no centre line
     x = torch.randn(2, 3, 16, 16)
     save_weights(train_steps(model, x), tmp_path / "trained.safetensors")
