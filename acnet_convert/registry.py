@@ -78,9 +78,9 @@ class ReparamBlock(nn.Module):
 
 def register_block(kind: str, cls: type[ReparamBlock], *, mode: str | None = None) -> None:
     """Make ``cls`` the block of ``kind`` in its mode (``cls.mode`` unless ``mode`` is given)."""
-    mode = mode or cls.mode
     if not (isinstance(cls, type) and issubclass(cls, ReparamBlock)):
         raise ACNetError(f"register_block({kind!r}, ...) needs a subclass of acnet_convert.ReparamBlock")
+    mode = mode or cls.mode
     if mode not in MODES:
         raise ACNetError(f"unknown mode {mode!r} for block kind {kind!r}: use one of {', '.join(MODES)}")
     if not kind or not kind.replace("_", "").isalnum():
