@@ -9,9 +9,11 @@ from torch import nn
 from torchvision import models
 
 from acnet_convert import acify, deploy, verify
+from acnet_convert.registry import is_block
 from roundtrip import calibrate_bn, eligible_convs, n_params, output_sum
 
 KINDS = ("dbb", "repvgg")
+LARGEST_CONVS = 100_000_000  # conv weights above which only the first eight eligible convs are converted (memory)
 CLASSIFICATION = models.list_models(module=models)
 SEGMENTATION = models.list_models(module=models.segmentation)
 
@@ -35,13 +37,21 @@ def expected_kinds(model: nn.Module, kind: str) -> dict[str, str]:
 
 def check_kind(model: nn.Module, kind: str, x: torch.Tensor) -> None:
     give_bn_statistics(model)
-    acified = acify(model.eval(), block=kind, init="preserve", example_inputs=(x,))
+    expected = expected_kinds(model, kind)
+    include = None
+    if sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d)) > LARGEST_CONVS:
+        include = sorted(expected, key=list(expected).index)[:8]  # the first eight: memory, not coverage, is the limit
+        expected = {name: expected[name] for name in include}
+    acified = acify(model.eval(), block=kind, include=include, init="preserve", example_inputs=(x,))
     verify(model, acified, x, rtol=1e-5)  # preserve init: every output within 1e-5 x max(1, max|original|)
     report = acified.acnet_plan
-    assert {s.name: s.kind for s in report.converted} == expected_kinds(model, kind)
+    assert {s.name: s.kind for s in report.converted} == expected
 
     acified.train()
     output_sum(acified(x)).backward()
+    new_kernels = [p for m in acified.modules() if is_block(m) for n, p in m.named_parameters() if "weight" in n]
+    assert new_kernels and all(p.grad is not None for p in new_kernels)
+    acified.zero_grad(set_to_none=True)
     calibrate_bn(acified, (x,))
     acified.double()
     deployed = deploy(acified)
