@@ -109,13 +109,23 @@ def apply_plan(model: nn.Module, report: Plan, *, init: str = "preserve", gamma_
     return model
 
 
-def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True) -> nn.Module:
+def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True, report_quant: bool = False) -> nn.Module:
     """Fuse every block into one plain conv; the result computes the same function in eval mode.
 
     With ``check`` each fused conv is compared with its block in float64 on a random
     input first; a mismatch raises ``ACNetError`` and leaves the model untouched.  The
-    deployed model keeps the ``acnet_plan`` it was acified with.
+    deployed model keeps the ``acnet_plan`` it was acified with.  ``report_quant`` prints one line on how its
+    weights will quantise (``quant_report(...).summary()``: the worst layer and its INT8 SQNR).
     """
+    deployed = _deploy(model, inplace, check)
+    if report_quant:
+        from .quant import quant_report  # torch.ao and the report are imported only when asked for
+
+        print(f"quantisation: {quant_report(deployed).summary()}")
+    return deployed
+
+
+def _deploy(model: nn.Module, inplace: bool, check: bool) -> nn.Module:
     _check_model(model, "deploy")
     if is_block(model):
         raise ACNetError("deploy needs a model that contains blocks; for a single block call block.fuse()")

@@ -281,3 +281,15 @@ def test_summary_and_table(ptq_report):
 def test_user_errors_name_the_fix(call, message):
     with pytest.raises(ACNetError, match=message):
         call()
+
+
+def test_deploy_prints_the_quantisation_summary_only_when_asked(capsys):
+    from acnet_convert import acify, deploy
+    from acnet_convert.models import SmallCNN
+
+    acified = acify(SmallCNN(width=8))
+    deploy(acified)
+    assert capsys.readouterr().out == ""
+    deploy(acified, report_quant=True)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("quantisation: worst layer ") and "int8 per-tensor SQNR" in line and "\n" not in line
