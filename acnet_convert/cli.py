@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from .graph import Plan
-    from .verify import Comparison, VerifyResult
+    from .verify import Comparison
 
 EXIT_FAILED, EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 1, 2, 3, 130
 EXIT_CODES = (

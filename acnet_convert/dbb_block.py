@@ -13,11 +13,11 @@ from torch import Tensor, nn
 
 from .block import ACBranch
 from .kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, embed_centre, fold_bn, \
-    identity_kernel, sum_branches  # fmt: skip
+    identity_kernel  # fmt: skip
 from .registry import ReparamBlock, register_block
-from .repvgg_block import (
-    check_conv, conv_padding, copy_settings, fast_conv, fused_conv, new_bn, pad_like_conv, plain_conv_problem,
-    pointwise_branch, scaled, set_affine, settings_repr,
+from .branches import (
+    SummedBranches, check_conv, conv_padding, copy_settings, fast_conv, fused_conv, init_new_branches, new_bn,
+    pad_like_conv, plain_conv_problem, pointwise_branch, scaled, settings_repr,
 )  # fmt: skip
 
 
@@ -88,7 +88,7 @@ class ComposedBranch(nn.Module):
         return fold_bn(second, bias, self.bn)
 
 
-class DBBlock(ReparamBlock):
+class DBBlock(SummedBranches):
     """The Diverse Branch Block: KxK-BN + 1x1-BN + 1x1-BN-avgpool-BN + 1x1-BN-KxK-BN, outputs summed.
 
     A depthwise conv (groups == in == out) gets no 1x1 branch, an average pool straight on the input and
@@ -128,41 +128,9 @@ class DBBlock(ReparamBlock):
         branches["avg"] = _avg_branch(conv, bn, **factory)
         branches["pointwise_kxk"] = _pointwise_kxk_branch(conv, bn, **factory)
         block.branches = nn.ModuleDict(branches)
-        for name, branch in branches.items():
-            if name != "square":
-                set_affine(branch.bn, 0.0 if init == "preserve" else gamma_init, 0.0)
-        if init == "scratch" and bn is not None:
-            set_affine(bn, gamma_init)
+        init_new_branches(branches, bn, init, gamma_init)
         block.train(conv.training)
         return block
-
-    def forward(self, x: Tensor) -> Tensor:
-        branches = iter(self.branches.values())
-        out = next(branches)(x)
-        for branch in branches:
-            out = out + branch(x)
-        return out
-
-    def _kernel(self, dtype: torch.dtype) -> Kernel:
-        return sum_branches((branch.kernel(dtype) for branch in self.branches.values()), self.kernel_size)
-
-    def equivalent_kernel(self) -> Kernel:
-        """The kernel and bias of the single conv this block equals in eval mode (differentiable, its dtype)."""
-        return self._kernel(self.branches["square"].conv.weight.dtype)
-
-    def fused_kernel(self) -> Kernel:
-        """``equivalent_kernel`` in float64, detached."""
-        with torch.no_grad():
-            return self._kernel(torch.float64)
-
-    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d`` (with bias), or one holding the given ``weight`` and ``bias``."""
-        if weight is None or bias is None:
-            weight, bias = self.fused_kernel()
-        return fused_conv(self, weight, bias, self.branches["square"].conv.weight)
-
-    def extra_repr(self) -> str:
-        return settings_repr(self)
 
 
 def _avg_branch(conv: nn.Conv2d, bn: nn.Module | None, **factory) -> ComposedBranch:

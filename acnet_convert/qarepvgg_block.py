@@ -8,15 +8,16 @@ import torch
 from torch import Tensor, nn
 
 from .block import ACBranch
-from .kernels import Kernel, fold_bn, identity_kernel, sum_branches
-from .registry import ReparamBlock, register_block
-from .repvgg_block import (
-    IdentityBranch, RepVGGBlock, check_conv, copy_settings, fused_conv, has_identity, new_bn, plain_conv_problem,
-    pointwise_branch, set_affine, settings_repr,
+from .kernels import Kernel, fold_bn, identity_kernel
+from .registry import register_block
+from .branches import (
+    IdentityBranch, SummedBranches, check_conv, copy_settings, has_identity, new_bn, plain_conv_problem,
+    pointwise_branch, set_affine,
 )  # fmt: skip
+from .repvgg_block import RepVGGBlock
 
 
-class QARepVGGBlock(ReparamBlock):
+class QARepVGGBlock(SummedBranches):
     """``post_bn(KxK-BN(x) + 1x1(x) + x)``: RepVGG with plain 1x1 and identity branches and a BatchNorm after the sum.
 
     The absorbed BatchNorm becomes the one after the sum; the KxK conv gets a new BatchNorm of its own.
@@ -73,33 +74,10 @@ class QARepVGGBlock(ReparamBlock):
         return block
 
     def forward(self, x: Tensor) -> Tensor:
-        branches = iter(self.branches.values())
-        out = next(branches)(x)
-        for branch in branches:
-            out = out + branch(x)
-        return self.post_bn(out)
+        return self.post_bn(super().forward(x))
 
     def _kernel(self, dtype: torch.dtype) -> Kernel:
-        weight, bias = sum_branches((branch.kernel(dtype) for branch in self.branches.values()), self.kernel_size)
-        return fold_bn(weight, bias, self.post_bn)
-
-    def equivalent_kernel(self) -> Kernel:
-        """The kernel and bias of the single conv this block equals in eval mode (differentiable, its dtype)."""
-        return self._kernel(self.branches["square"].conv.weight.dtype)
-
-    def fused_kernel(self) -> Kernel:
-        """``equivalent_kernel`` in float64, detached."""
-        with torch.no_grad():
-            return self._kernel(torch.float64)
-
-    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d`` (with bias), or one holding the given ``weight`` and ``bias``."""
-        if weight is None or bias is None:
-            weight, bias = self.fused_kernel()
-        return fused_conv(self, weight, bias, self.branches["square"].conv.weight)
-
-    def extra_repr(self) -> str:
-        return settings_repr(self)
+        return fold_bn(*super()._kernel(dtype), self.post_bn)
 
 
 register_block("qarepvgg", QARepVGGBlock)
