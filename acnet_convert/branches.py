@@ -186,3 +186,36 @@ class SummedBranches(ReparamBlock):
 
     def extra_repr(self) -> str:
         return settings_repr(self)
+
+
+class ComposedKernel(ReparamBlock):
+    """A fast block: one conv per forward with the original's settings, its kernel from ``composed_weight(dtype)``."""
+
+    def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_conv(self, x, self.composed_weight(), self.bias)
+
+    def _kernel(self, dtype: torch.dtype) -> Kernel:
+        bias = self.weight.new_zeros(self.out_channels, dtype=dtype) if self.bias is None else self.bias.to(dtype)
+        return self.composed_weight(dtype), bias
+
+    def equivalent_kernel(self) -> Kernel:
+        """The composed kernel and the conv's bias (zeros without one), differentiable, in the block's dtype."""
+        return self._kernel(self.weight.dtype)
+
+    def fused_kernel(self) -> Kernel:
+        """``equivalent_kernel`` in float64, detached."""
+        with torch.no_grad():
+            return self._kernel(torch.float64)
+
+    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d``, with a bias only if the original conv had one."""
+        if weight is None or bias is None:
+            weight, bias = self.fused_kernel()
+        return fused_conv(self, weight, None if self.bias is None else bias, self.weight)
+
+    def extra_repr(self) -> str:
+        return settings_repr(self) + f", bias={self.bias is not None}"

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 from .block import ACBranch
 from .kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, embed_centre, fold_bn, \
     identity_kernel  # fmt: skip
-from .registry import ReparamBlock, register_block
+from .registry import register_block
 from .branches import (
-    SummedBranches, check_conv, conv_padding, copy_settings, fast_conv, fused_conv, init_new_branches, new_bn,
-    pad_like_conv, plain_conv_problem, pointwise_branch, scaled, settings_repr,
+    ComposedKernel, SummedBranches, check_conv, conv_padding, copy_settings, init_new_branches, new_bn,
+    pad_like_conv, plain_conv_problem, pointwise_branch, scaled,
 )  # fmt: skip
 
 
@@ -154,7 +154,7 @@ def _pointwise_kxk_branch(conv: nn.Conv2d, bn: nn.Module | None, **factory) -> C
     return ComposedBranch(first, new_bn(bn, width, **factory), second, new_bn(bn, conv.out_channels, **factory), conv)
 
 
-class FastDBBlock(ReparamBlock):
+class FastDBBlock(ComposedKernel):
     """DBB linearised: one conv whose kernel is composed, every forward, from the scaled branch kernels.
 
     ``kernel = s_square * weight + centre(s_1x1 * weight_1x1) + s_avg * (weight_avg then average pool)
@@ -212,31 +212,6 @@ class FastDBBlock(ReparamBlock):
         tensors = (self.weight, self.weight_1x1, self.weight_avg, self.avg_kernel, self.weight_inner, self.weight_outer,
                    self.scale_square, self.scale_1x1, self.scale_avg, self.scale_kxk)  # fmt: skip
         return compose_dbb(self.groups, *(t if dtype is None or t is None else t.to(dtype) for t in tensors))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_conv(self, x, self.composed_weight(), self.bias)
-
-    def _kernel(self, dtype: torch.dtype) -> Kernel:
-        bias = self.weight.new_zeros(self.out_channels, dtype=dtype) if self.bias is None else self.bias.to(dtype)
-        return self.composed_weight(dtype), bias
-
-    def equivalent_kernel(self) -> Kernel:
-        """The composed kernel and the conv's bias (zeros without one), differentiable, in the block's dtype."""
-        return self._kernel(self.weight.dtype)
-
-    def fused_kernel(self) -> Kernel:
-        """``equivalent_kernel`` in float64, detached."""
-        with torch.no_grad():
-            return self._kernel(torch.float64)
-
-    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d``, with a bias only if the original conv had one."""
-        if weight is None or bias is None:
-            weight, bias = self.fused_kernel()
-        return fused_conv(self, weight, None if self.bias is None else bias, self.weight)
-
-    def extra_repr(self) -> str:
-        return settings_repr(self) + f", bias={self.bias is not None}"
 
 
 def _pointwise_weight(conv: nn.Conv2d, **factory) -> nn.Parameter:

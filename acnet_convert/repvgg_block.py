@@ -7,11 +7,11 @@ from torch import Tensor, nn
 
 from .block import ACBranch
 from .branches import (
-    IdentityBranch, SummedBranches, check_conv, conv_padding, copy_settings, fast_conv, fused_conv, has_identity,
-    init_new_branches, new_bn, plain_conv_problem, pointwise_branch, scaled, settings_repr,
+    ComposedKernel, IdentityBranch, SummedBranches, check_conv, conv_padding, copy_settings, has_identity,
+    init_new_branches, new_bn, plain_conv_problem, pointwise_branch, scaled,
 )  # fmt: skip
-from .kernels import Kernel, embed_centre, identity_kernel
-from .registry import ReparamBlock, register_block
+from .kernels import embed_centre, identity_kernel
+from .registry import register_block
 
 
 class RepVGGBlock(SummedBranches):
@@ -60,7 +60,7 @@ class RepVGGBlock(SummedBranches):
         return block
 
 
-class FastRepVGGBlock(ReparamBlock):
+class FastRepVGGBlock(ComposedKernel):
     """RepVGG linearised: one conv whose kernel is composed, every forward, from scaled KxK, 1x1 and identity kernels.
 
     ``kernel = scale_square * weight + centre(scale_1x1 * weight_1x1 + scale_identity * I)``, one
@@ -110,31 +110,6 @@ class FastRepVGGBlock(ReparamBlock):
         """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
         tensors = (self.weight, self.weight_1x1, self.eye, self.scale_square, self.scale_1x1, self.scale_identity)
         return compose_repvgg(*(t if dtype is None or t is None else t.to(dtype) for t in tensors))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_conv(self, x, self.composed_weight(), self.bias)
-
-    def _kernel(self, dtype: torch.dtype) -> Kernel:
-        bias = self.weight.new_zeros(self.out_channels, dtype=dtype) if self.bias is None else self.bias.to(dtype)
-        return self.composed_weight(dtype), bias
-
-    def equivalent_kernel(self) -> Kernel:
-        """The composed kernel and the conv's bias (zeros without one), differentiable, in the block's dtype."""
-        return self._kernel(self.weight.dtype)
-
-    def fused_kernel(self) -> Kernel:
-        """``equivalent_kernel`` in float64, detached."""
-        with torch.no_grad():
-            return self._kernel(torch.float64)
-
-    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d``, with a bias only if the original conv had one."""
-        if weight is None or bias is None:
-            weight, bias = self.fused_kernel()
-        return fused_conv(self, weight, None if self.bias is None else bias, self.weight)
-
-    def extra_repr(self) -> str:
-        return settings_repr(self) + f", bias={self.bias is not None}"
 
 
 @torch.fx.wrap
