@@ -50,7 +50,7 @@ def check_kind(model: nn.Module, kind: str, x: torch.Tensor) -> None:
     acified.train()
     output_sum(acified(x)).backward()
     new_kernels = [p for m in acified.modules() if is_block(m) for n, p in m.named_parameters() if "weight" in n]
-    assert new_kernels and all(p.grad is not None for p in new_kernels)
+    assert bool(new_kernels) == bool(expected) and all(p.grad is not None for p in new_kernels)
     acified.zero_grad(set_to_none=True)
     calibrate_bn(acified, (x,))
     acified.double()
