@@ -51,15 +51,29 @@ def followed_by_bn(report) -> int:
     return sum(1 for s in report.converted if s.bn or s.bn_after)
 
 
+def example(model: nn.Module, size: int) -> torch.Tensor:
+    """A batch at ``size``, or at the model's own input size when it takes only that (or fails at ``size``)."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    own = cfg.get("input_size", (3, 224, 224))[-1]
+    if not cfg.get("fixed_input_size"):
+        x = torch.randn(2, 3, size, size)
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+            return x
+        except Exception:  # e.g. attention windows that need a multiple of their size: use the model's own
+            pass
+    return torch.randn(2, 3, own, own)
+
+
 def sweep_one(name: str, size: int) -> dict:
     """Build, convert, take a train step, deploy in float64 and compare; a record of what happened."""
     record: dict = {"model": name}
     start = time.perf_counter()
     try:
         model = timm.create_model(name, pretrained=False)
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        side = size if not cfg.get("fixed_input_size") else cfg.get("input_size", (3, size, size))[-1]
-        x = torch.randn(2, 3, side, side)
+        x = example(model, size)
+        side = x.shape[-1]
         record.update(params=sum(p.numel() for p in model.parameters()), eligible=eligible(model), input=side)
         acified = acify(model, init="scratch", example_inputs=(x,))
         report = acified.acnet_plan
