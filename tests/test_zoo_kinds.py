@@ -46,11 +46,13 @@ def check_kind(model: nn.Module, kind: str, x: torch.Tensor) -> None:
     verify(model, acified, x, rtol=1e-5)  # preserve init: every output within 1e-5 x max(1, max|original|)
     report = acified.acnet_plan
     assert {s.name: s.kind for s in report.converted} == expected
+    if not expected:
+        return  # no eligible conv (ViT, Swin: even patch kernels): the model is unchanged, nothing to deploy
 
     acified.train()
     output_sum(acified(x)).backward()
     new_kernels = [p for m in acified.modules() if is_block(m) for n, p in m.named_parameters() if "weight" in n]
-    assert bool(new_kernels) == bool(expected) and all(p.grad is not None for p in new_kernels)
+    assert new_kernels and all(p.grad is not None for p in new_kernels)
     acified.zero_grad(set_to_none=True)
     calibrate_bn(acified, (x,))
     acified.double()
