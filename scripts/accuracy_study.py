@@ -313,6 +313,19 @@ def robustness_table(runs: list[dict], variants: list[str]) -> list[str]:
     return rows
 
 
+def robustness_verdict(runs: list[dict], variants: list[str]) -> str:
+    """One sentence: how many (variant, transform) pairs are more than two standard errors above or below."""
+    above = below = 0
+    for variant in variants[1:]:
+        for key in TRANSFORM_LABELS:
+            diff, error = mean_se(differences(runs, variant, "baseline", lambda r, k=key: r["transformed"][k]))
+            above += diff > 2 * error
+            below += diff < -2 * error
+    pairs = (len(variants) - 1) * len(TRANSFORM_LABELS)
+    return (f"Of the {pairs} variant and transform pairs, {above} are more than two standard errors above the "
+            f"baseline and {below} more than two standard errors below it.")  # fmt: skip
+
+
 def quantization_table(runs: list[dict], variants: list[str]) -> list[str]:
     """Markdown rows: accuracy of each deployed model in float and quantised, with the paired differences."""
     rows = ["| variant | float | " + " | ".join(QUANT_LABELS.values()) + " |", "|---" * (len(QUANT_LABELS) + 2) + "|"]
@@ -405,6 +418,8 @@ def report(record: dict) -> str:
         "the baseline on the same transformed images ± s.e.).",
         "",
         *robustness_table(runs, variants),
+        "",
+        robustness_verdict(runs, variants),
         "",
         "## Quantisation",
         "",

@@ -146,6 +146,7 @@ def test_gamma_section_compares_the_two_gammas_of_every_kind(small_study):
         diff, error = mean_se([runs[f"{kind_mode}@1/3", s] - runs[f"{kind_mode}@1", s] for s in (0, 1)])
         assert row[-1] == f"{diff:+.2f} ± {error:.2f}"
     assert "**The figures support gamma 1" in page
+    assert "Of the 12 variant and transform pairs, " in page  # 4 converted variants, 3 transforms
     weights = {row[0] for row in markdown_rows(page, "| variant | INT8 per-tensor SQNR")}
     assert weights == set(VARIANTS)
 
