@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ACNetError
 from .kernels import Kernel, fold_bn, sum_branches
-from .registry import INITS, ReparamBlock, register_block
+from .registry import DEFAULT_GAMMA, INITS, ReparamBlock, register_block
 
 LAYOUTS = ("lines", "planes")
 BLOCK_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
@@ -179,7 +179,7 @@ class ACBlock(ReparamBlock):
         bn: _BatchNorm | None = None,
         *,
         init: str = "preserve",
-        gamma_init: float = 1.0,
+        gamma_init: float = DEFAULT_GAMMA,
         layout: str = "lines",
     ) -> ACBlock:
         """Wrap an existing conv (and the BatchNorm after it), keeping the conv's weights and the BN's statistics.

@@ -54,7 +54,7 @@ DEFAULT_OPTIONS = {
     "include": None,
     "exclude": None,
     "init": "preserve",
-    "gamma_init": 1.0,
+    "gamma_init": 1 / 3,  # the library's default (registry.DEFAULT_GAMMA), named here to keep torch out
     "min_kernel": 3,
     "max_kernel": None,
     "mode": "exact",
@@ -429,7 +429,9 @@ def convert_command(
         Literal["preserve", "scratch"],
         _option(text="New branches: preserve (the function is unchanged; default) or scratch (as in the paper)."),
     ] = "preserve",
-    gamma_init: Annotated[float, _option(callback=_finite, text="BN gamma of every branch with --init scratch.")] = 1.0,
+    gamma_init: Annotated[
+        float, _option(callback=_finite, text="BN gamma of every branch with --init scratch (default 1/3).")
+    ] = 1 / 3,
     include: Include = None,
     exclude: Exclude = None,
     min_kernel: MinKernel = None,

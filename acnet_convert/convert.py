@@ -14,7 +14,7 @@ from .block import BLOCK_CONVS, LAYOUTS, resolve_padding
 from .errors import ACNetError, warn
 from .graph import BlockChoice, Plan, Site, analyze
 from .padded_block import PaddedBlock
-from .registry import DEFAULT_KIND, INITS, MODES, block_class, is_block
+from .registry import DEFAULT_GAMMA, DEFAULT_KIND, INITS, MODES, block_class, is_block
 from .surgery import replace_module
 
 PLAN_ATTR = "acnet_plan"
@@ -53,7 +53,7 @@ def acify(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     init: str = "preserve",
-    gamma_init: float = 1.0,
+    gamma_init: float = DEFAULT_GAMMA,
     min_kernel: int = 3,
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
@@ -86,7 +86,7 @@ def acify(
     return model
 
 
-def apply_plan(model: nn.Module, report: Plan, *, init: str = "preserve", gamma_init: float = 1.0) -> nn.Module:
+def apply_plan(model: nn.Module, report: Plan, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA) -> nn.Module:
     """Build the blocks ``report`` records into ``model`` (in place) without analysing it again; return it.
 
     Every recorded site is checked against the model first, so a plan that does not fit changes nothing.

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .block import ACBranch
 from .kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, embed_centre, fold_bn, \
     identity_kernel  # fmt: skip
-from .registry import register_block
+from .registry import DEFAULT_GAMMA, register_block
 from .branches import (
     ComposedKernel, SummedBranches, check_conv, conv_padding, copy_settings, init_new_branches, new_bn,
     pad_like_conv, plain_conv_problem, pointwise_branch, scaled,
@@ -109,7 +109,7 @@ class DBBlock(SummedBranches):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = 1.0,
+        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
         layout: str = "lines",
     ) -> DBBlock:
         """Wrap ``conv`` and the BatchNorm after it (kept as they are) and add the three new branches.
@@ -176,7 +176,7 @@ class FastDBBlock(ComposedKernel):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = 1.0,
+        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
         layout: str = "lines",
     ) -> FastDBBlock:
         """Wrap ``conv`` (its weight and bias Parameters kept); new scales start at 0 (preserve) or ``gamma_init``.

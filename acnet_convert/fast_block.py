@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .block import resolve_padding
 from .errors import ACNetError
 from .kernels import Kernel, sum_branches
-from .registry import INITS, ReparamBlock, register_block
+from .registry import DEFAULT_GAMMA, INITS, ReparamBlock, register_block
 
 
 class FastACBlock(ReparamBlock):
@@ -65,7 +65,7 @@ class FastACBlock(ReparamBlock):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = 1.0, layout: str = "lines"
+        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA, layout: str = "lines"
     ) -> FastACBlock:
         """Wrap an existing conv, keeping its weight and bias (the same Parameter objects).
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .block import ACBranch
 from .kernels import Kernel, fold_bn, identity_kernel
-from .registry import register_block
+from .registry import DEFAULT_GAMMA, register_block
 from .branches import (
     IdentityBranch, SummedBranches, check_conv, copy_settings, has_identity, new_bn, plain_conv_problem,
     pointwise_branch, set_affine,
@@ -38,7 +38,7 @@ class QARepVGGBlock(SummedBranches):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = 1.0,
+        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
         layout: str = "lines",
     ) -> QARepVGGBlock:
         """Wrap ``conv`` and the BatchNorm after it (kept as they are, that BatchNorm now after the sum).

@@ -18,6 +18,7 @@ from .errors import ACNetError
 MODES = ("exact", "fast")
 INITS = ("preserve", "scratch")
 DEFAULT_KIND = "acb"
+DEFAULT_GAMMA = 1 / 3  # the new branches' initial gamma with init="scratch" (chosen by docs/accuracy.md)
 _BUILTIN_MODULES = ("block", "fast_block", "repvgg_block", "qarepvgg_block", "dbb_block")
 _CLASSES: dict[tuple[str, str], type[ReparamBlock]] = {}
 _loaded = False
@@ -52,7 +53,7 @@ class ReparamBlock(nn.Module):
         bn: nn.Module | None = None,
         *,
         init: str = "preserve",
-        gamma_init: float = 1.0,
+        gamma_init: float = DEFAULT_GAMMA,
         layout: str = "lines",
     ) -> ReparamBlock:
         """Wrap ``conv`` (and, when ``absorbs_bn``, the BatchNorm after it), keeping their weights.

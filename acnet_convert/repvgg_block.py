@@ -11,7 +11,7 @@ from .branches import (
     init_new_branches, new_bn, plain_conv_problem, pointwise_branch, scaled,
 )  # fmt: skip
 from .kernels import embed_centre, identity_kernel
-from .registry import register_block
+from .registry import DEFAULT_GAMMA, register_block
 
 
 class RepVGGBlock(SummedBranches):
@@ -36,7 +36,7 @@ class RepVGGBlock(SummedBranches):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = 1.0,
+        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
         layout: str = "lines",
     ) -> RepVGGBlock:
         """Wrap ``conv`` and the BatchNorm after it (kept as they are) and add the 1x1 and identity branches.
@@ -82,7 +82,7 @@ class FastRepVGGBlock(ComposedKernel):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = 1.0,
+        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
         layout: str = "lines",
     ) -> FastRepVGGBlock:
         """Wrap ``conv`` (its weight and bias Parameters kept); new scales start at 0 (preserve) or ``gamma_init``."""

@@ -16,7 +16,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=300, help="SGD steps of 64 images")
     parser.add_argument("--init", choices=["preserve", "scratch"], default="preserve")
-    parser.add_argument("--gamma-init", type=float, default=1.0, help="used by --init scratch (the paper: 1/3)")
+    parser.add_argument("--gamma-init", type=float, default=1 / 3, help="used by --init scratch (default 1/3)")
     parser.add_argument("--out", help="write the deployed weights here (.safetensors, or anything else for torch.save)")
     args = parser.parse_args()
 
