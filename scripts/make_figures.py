@@ -41,7 +41,8 @@ def branch_kernels(block: ACBlock) -> dict[str, torch.Tensor]:
     """Each branch's BN-folded kernel placed on the 3x3 grid (NaN where the branch has no weight), and the sum."""
     grids = {}
     for name, branch in block.branches.items():
-        weight, _ = branch.kernel()
+        with torch.no_grad():
+            weight, _ = branch.kernel(torch.float64)
         grid = torch.full((3, 3), float("nan"), dtype=torch.float64)
         rows = slice(None) if weight.shape[2] == 3 else slice(1, 2)
         cols = slice(None) if weight.shape[3] == 3 else slice(1, 2)
