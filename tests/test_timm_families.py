@@ -118,15 +118,6 @@ def test_coat_shared_convs_become_shared_blocks():
     verify(acified, deploy(acified), x.double(), rtol=1e-8)
 
 
-class Stem(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Conv2d(3, 8, 3, padding=1)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -137,20 +128,33 @@ class Block(nn.Module):
 
 
 class Collision(nn.Module):
-    """Reads ``block.proj.weight`` (a Linear) in untraceable code; the conv ``stem.proj`` is only ever called."""
+    """Untraceable code that reads ``self.block.proj.weight`` (a Linear); the conv ``proj`` is only ever called."""
 
-    def __init__(self, read_own=False):
+    def __init__(self):
         super().__init__()
-        self.stem, self.block, self.read_own = Stem(), Block(), read_own
+        self.proj, self.block = nn.Conv2d(3, 8, 3, padding=1), Block()
 
     def forward(self, x):
-        if x.sum() > 0:  # data-dependent: torch.fx cannot trace this
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace this module, so its source decides
             x = -x
-        scale = self.stem.proj.weight.mean() if self.read_own else self.block.proj.weight.mean()
-        return self.block(self.stem(x).mean((2, 3))) * scale
+        return self.block(self.proj(x).mean((2, 3))) * self.block.proj.weight.mean()
+
+
+class ReadsOwn(nn.Module):
+    """The same, but the untraceable code reads the conv's own weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.block = nn.Conv2d(3, 8, 3, padding=1), Block()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.block(self.proj(x).mean((2, 3))) * self.proj.weight.mean()
 
 
 def test_an_attribute_of_the_same_name_elsewhere_no_longer_blocks_a_conv():
-    assert plan(Collision()).converted[0].name == "stem.proj"
-    site = plan(Collision(read_own=True)).sites[0]
+    site = plan(Collision()).sites[0]
+    assert (site.name, site.action, site.evidence) == ("proj", "convert", "source")
+    site = plan(ReadsOwn()).sites[0]
     assert site.action == "skip" and "uses .proj other than by calling it" in site.reason
