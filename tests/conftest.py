@@ -1,3 +1,7 @@
+import ctypes
+import ctypes.util
+import gc
+
 import pytest
 import torch
 
@@ -28,3 +32,16 @@ def randomize_bn(model: torch.nn.Module, *inputs, steps: int = 3) -> None:
         for _ in range(steps):
             model(*inputs)
         model.train(was_training)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+@pytest.fixture(autouse=True)
+def _release_memory():
+    """Give freed tensors back to the system after every test: the model zoos allocate and free gigabytes, and one
+    long process would otherwise keep the fragments."""
+    yield
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
