@@ -5,10 +5,23 @@ import gc
 import pytest
 import torch
 
+from acnet_convert import registry
+from acnet_convert.registry import kinds
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _registry_kept():
+    """Kinds a test registers (its own, or a docs example's) are gone after it: other tests see the built-in kinds."""
+    kinds()  # loads the built-in kinds before the snapshot
+    before = dict(registry._CLASSES)
+    yield
+    registry._CLASSES.clear()
+    registry._CLASSES.update(before)
 
 
 @pytest.fixture(scope="module")

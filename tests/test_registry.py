@@ -43,15 +43,14 @@ class PointwisePlus(ReparamBlock):
     def forward(self, x):
         return self.conv(x) + self.pointwise(x)
 
-    def equivalent_kernel(self):
-        weight = self.conv.weight + embed_centre(self.pointwise.weight, self.kernel_size)
-        bias = self.conv.bias if self.conv.bias is not None else weight.new_zeros(self.out_channels)
+    def equivalent_kernel(self, dtype=None):
+        weight = self.conv.weight.to(dtype) + embed_centre(self.pointwise.weight.to(dtype), self.kernel_size)
+        bias = self.conv.bias.to(dtype) if self.conv.bias is not None else weight.new_zeros(self.out_channels)
         return weight, bias
 
     def fused_kernel(self):
         with torch.no_grad():
-            weight, bias = self.equivalent_kernel()
-            return weight.double(), bias.double()
+            return self.equivalent_kernel(torch.float64)
 
     def fuse(self, weight=None, bias=None):
         if weight is None or bias is None:
@@ -64,7 +63,10 @@ class PointwisePlus(ReparamBlock):
         return conv.train(self.training)
 
 
-register_block("pointwise_plus", PointwisePlus)
+@pytest.fixture(autouse=True)
+def pointwise_plus():
+    """``pointwise_plus`` registered for each test of this file (conftest removes it after each)."""
+    register_block("pointwise_plus", PointwisePlus)
 
 
 def net():
