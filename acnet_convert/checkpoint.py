@@ -192,7 +192,7 @@ def ensure_writable(path: str | Path, *, force: bool = False) -> Path:
     if path.is_dir():
         raise ACNetError(f"{path} is a directory: give a file name")
     if path.exists() and not force:
-        raise ACNetError(f"{path} already exists: pass --force to overwrite it, or choose another name")
+        raise ACNetError(f"{path} already exists: pass --force (force=True in Python) to overwrite it, or choose another name")
     if not path.parent.is_dir():
         raise ACNetError(f"directory {path.parent} does not exist: create it first")
     return path
@@ -211,7 +211,7 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         if not tmp.is_file():
             raise ACNetError(f"nothing was written for {path}")
         if path.exists() and not force:
-            raise ACNetError(f"{path} appeared while writing: pass --force to overwrite it")
+            raise ACNetError(f"{path} appeared while writing: pass --force (force=True in Python) to overwrite it")
         tmp.chmod(0o666 & ~_umask())  # some writers create private files; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
