@@ -192,7 +192,9 @@ def ensure_writable(path: str | Path, *, force: bool = False) -> Path:
     if path.is_dir():
         raise ACNetError(f"{path} is a directory: give a file name")
     if path.exists() and not force:
-        raise ACNetError(f"{path} already exists: pass --force (force=True in Python) to overwrite it, or choose another name")
+        raise ACNetError(
+            f"{path} already exists: pass --force (force=True in Python) to overwrite it, or choose another name"
+        )
     if not path.parent.is_dir():
         raise ACNetError(f"directory {path.parent} does not exist: create it first")
     return path
