@@ -9,11 +9,12 @@ with the value its BatchNorm gives a zero input), an average pool into a constan
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .block import ACBranch
-from .kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, embed_centre, fold_bn, \
-    identity_kernel  # fmt: skip
+from .kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, compose_1x1_kxk_weight, embed_centre, \
+    fold_bn, identity_kernel  # fmt: skip
 from .registry import DEFAULT_GAMMA, register_block
 from .branches import (
     ComposedKernel, SummedBranches, check_conv, conv_padding, copy_settings, init_new_branches, new_bn,
@@ -64,11 +65,23 @@ class ComposedBranch(nn.Module):
         self.padding, self.padding_mode, self.groups = conv_padding(conv), conv.padding_mode, conv.groups
 
     def forward(self, x: Tensor) -> Tensor:
-        value = None
         if self.first is not None:
             x = self.first_bn(self.first(x))
-            value = bn_zero_output(self.first_bn, x.dtype)
-        return self.bn(self.second(pad_like_conv(x, self.padding, self.padding_mode, value)))
+        if self.first is None or self.padding_mode != "zeros" or not any(self.padding):
+            return self.bn(self.second(pad_like_conv(x, self.padding, self.padding_mode)))
+        # second(x padded with the value) = second(x zero-padded) + second(a zero sample padded with the value):
+        # the conv or pool pads by itself, and the border's share is computed for one sample, not the batch
+        border = border_image(bn_zero_output(self.first_bn, x.dtype), x, self.padding)
+        return self.bn(self.zero_padded_second(x) + self.second(border))
+
+    def zero_padded_second(self, x: Tensor) -> Tensor:
+        """The KxK conv or average pool of ``x`` zero-padded as the full conv pads, padding inside the operation."""
+        second, padding = self.second, self.padding
+        if isinstance(second, nn.Conv2d):
+            return F.conv2d(x, second.weight, None, second.stride, padding, 1, second.groups)
+        if all(p <= k // 2 for p, k in zip(padding, second.kernel_size)):  # what avg_pool2d can pad by itself
+            return F.avg_pool2d(x, second.kernel_size, second.stride, padding)
+        return second(pad_like_conv(x, padding, "zeros"))
 
     def second_weight(self, dtype: torch.dtype) -> Tensor:
         """The KxK kernel of the conv or average pool after the 1x1."""
@@ -131,6 +144,12 @@ class DBBlock(SummedBranches):
         init_new_branches(branches, bn, init, gamma_init)
         block.train(conv.training)
         return block
+
+
+def border_image(value: Tensor, x: Tensor, padding: tuple[int, int]) -> Tensor:
+    """One zero sample the size of ``x``'s, padded by ``padding`` with ``value`` per channel."""
+    inside = F.pad(torch.ones_like(x[:1, :1]), (padding[1], padding[1], padding[0], padding[0]))
+    return (1 - inside) * value.reshape(1, -1, 1, 1)
 
 
 def _avg_branch(conv: nn.Conv2d, bn: nn.Module | None, **factory) -> ComposedBranch:
@@ -202,14 +221,12 @@ class FastDBBlock(ComposedKernel):
         for name in ("scale_1x1", "scale_avg", "scale_kxk"):
             scale = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
             block.register_parameter(name, scale if pointwise or name != "scale_1x1" else None)
-        avg_kernel = avg_pool_kernel(conv.out_channels, conv.kernel_size, conv.groups, **factory)
-        block.register_buffer("avg_kernel", avg_kernel, persistent=False)
         block.train(conv.training)
         return block
 
     def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
-        tensors = (self.weight, self.weight_1x1, self.weight_avg, self.avg_kernel, self.weight_inner, self.weight_outer,
+        tensors = (self.weight, self.weight_1x1, self.weight_avg, self.weight_inner, self.weight_outer,
                    self.scale_square, self.scale_1x1, self.scale_avg, self.scale_kxk)  # fmt: skip
         return compose_dbb(self.groups, *(t if dtype is None or t is None else t.to(dtype) for t in tensors))
 
@@ -221,26 +238,22 @@ def _pointwise_weight(conv: nn.Conv2d, **factory) -> nn.Parameter:
 
 @torch.fx.wrap
 def compose_dbb(
-    groups: int, weight: Tensor, weight_1x1: Tensor | None, weight_avg: Tensor | None, avg_kernel: Tensor,
-    weight_inner: Tensor, weight_outer: Tensor, scale_square: Tensor, scale_1x1: Tensor | None, scale_avg: Tensor,
-    scale_kxk: Tensor,
+    groups: int, weight: Tensor, weight_1x1: Tensor | None, weight_avg: Tensor | None, weight_inner: Tensor,
+    weight_outer: Tensor, scale_square: Tensor, scale_1x1: Tensor | None, scale_avg: Tensor, scale_kxk: Tensor,
 ) -> Tensor:
     """The fast DBB's kernel: the scaled KxK, 1x1 (at the centre), 1x1-average-pool and 1x1-KxK kernels summed.
 
+    The average pool keeps each channel to itself, so the 1x1-average-pool kernel is the 1x1 kernel (the identity
+    for a depthwise conv) spread evenly over the KxK taps: a broadcast, not a kernel product.
     One node in a ``torch.fx`` graph: symbolic tracing records the call, not its shape-dependent steps.
     """
-    avg = avg_kernel if weight_avg is None else _compose(weight_avg, avg_kernel, groups)
-    kxk = _compose(weight_inner, weight_outer, groups)
-    kernel = scaled(weight, scale_square) + scaled(avg, scale_avg) + scaled(kxk, scale_kxk)
+    taps = weight.shape[2] * weight.shape[3]
+    avg = scale_avg.reshape(-1, 1, 1, 1) if weight_avg is None else scaled(weight_avg, scale_avg)
+    kxk = compose_1x1_kxk_weight(weight_inner, weight_outer, groups)
+    kernel = scaled(weight, scale_square) + scaled(kxk, scale_kxk) + avg / taps
     if weight_1x1 is not None:
         kernel = kernel + embed_centre(scaled(weight_1x1, scale_1x1), weight.shape[2:])
     return kernel
-
-
-def _compose(first: Tensor, second: Tensor, groups: int) -> Tensor:
-    """The KxK kernel of a bias-free 1x1 conv followed by a bias-free KxK conv."""
-    zeros = first.new_zeros
-    return compose_1x1_kxk((first, zeros(first.shape[0])), (second, zeros(second.shape[0])), groups)[0]
 
 
 register_block("dbb", DBBlock)

@@ -106,12 +106,18 @@ def compose_1x1_kxk(first: Kernel, second: Kernel, groups: int) -> Kernel:
     Exact when the intermediate is padded with the first conv's bias wherever the KxK conv pads it.
     """
     (w1, b1), (w2, b2) = first, second
+    out, mid_width = w2.shape[:2]
+    w2_sums = w2.reshape(groups, out // groups, mid_width, -1).sum(3)
+    bias = torch.einsum("gom,gm->go", w2_sums, b1.reshape(groups, mid_width)).reshape(out)
+    return compose_1x1_kxk_weight(w1, w2, groups), bias + b2
+
+
+def compose_1x1_kxk_weight(w1: Tensor, w2: Tensor, groups: int) -> Tensor:
+    """The kernel of a bias-free 1x1 conv followed by a bias-free KxK conv (both with ``groups`` groups)."""
     out, mid_width, *spatial = w2.shape
     w1 = w1.reshape(groups, w1.shape[0] // groups, w1.shape[1])  # (group, mid per group, in per group)
     w2 = w2.reshape(groups, out // groups, mid_width, *spatial)
-    weight = torch.einsum("gom...,gmi->goi...", w2, w1).reshape(out, w1.shape[2], *spatial)
-    bias = torch.einsum("gom,gm->go", w2.flatten(3).sum(3), b1.reshape(groups, mid_width)).reshape(out)
-    return weight, bias + b2
+    return torch.einsum("gom...,gmi->goi...", w2, w1).reshape(out, w1.shape[2], *spatial)
 
 
 def bn_zero_output(bn: nn.Module, dtype: torch.dtype) -> Tensor:
