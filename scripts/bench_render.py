@@ -129,7 +129,7 @@ def _summary_md(results: list[dict]) -> list[str]:
 
 def _targets_md(results: list[dict]) -> list[str]:
     """The CPU targets, each met or missed with the measured figure."""
-    rows = []
+    rows, floors = [], []
     for result in (r for r in results if r["machine"]["device"] == "cpu"):
         cases = _cases(_eager_rows(result))
         for (km, *case), (max_step, max_memory) in TARGETS.items():
@@ -141,6 +141,7 @@ def _targets_md(results: list[dict]) -> list[str]:
                 continue
             rows.append(_target_row(f"{label}: step time", row["wall_ms_ratio"], max_step))
             rows.append(_target_row(f"{label}: peak memory", row["peak_bytes_ratio"], max_memory))
+            floors.extend(_floor_note(label, row, cases[tuple(case)].get("original")))
         for (model, batch, side), by_variant in cases.items():
             if "dbb-exact" in by_variant:
                 row = by_variant["dbb-exact"]
@@ -162,6 +163,21 @@ def _targets_md(results: list[dict]) -> list[str]:
         "| target | measured | limit | |",
         "|---|---|---|---|",
         *rows,
+        *floors,
+    ]
+
+
+def _floor_note(label: str, row: dict, original: dict | None) -> list[str]:
+    """What a block's own parameters and kernel composition cost at the least, from the same record."""
+    if original is None or "params" not in row:
+        return []
+    extra = (row["params"] - original["params"]) * 4 * 3  # float32 weights, their gradients, SGD momentum
+    memory = (original["peak_bytes"] + extra) / original["peak_bytes"]
+    return [
+        "",
+        f"Floors for {label}, from the same record: its extra parameters ({row['params'] - original['params']:,}), "
+        f"with their gradients and SGD momentum, alone take the peak memory to {memory:.2f}x, whatever the "
+        f"implementation; its forward FLOP ratio, kernel composition included, is {row['forward_flops_ratio']:.2f}.",
     ]
 
 
