@@ -306,7 +306,9 @@ def test_shell_completion_completes_commands_and_choices(tmp_path):
 
     assert complete("acnet quant") == ["quantcheck"]
     assert complete("acnet convert m.py --mode ") == ["exact", "fast"]
-    shown = subprocess.run(["bash", "-c", f"{ACNET} --show-completion"], capture_output=True, text=True, timeout=60)
+    # "; true" keeps bash running as acnet's parent (bash -c would exec a lone command), so bash is detected
+    shown = subprocess.run(["bash", "-c", f"{ACNET} --show-completion; true"], capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
     assert "_ACNET_COMPLETE" in shown.stdout
 
 
