@@ -113,6 +113,8 @@ def render(records: list[dict], meta: dict) -> str:
         f"- families tried: {len(records)}; built, converted and deployed: {len(ok)}; with eligible convs: "
         f"{len(with_eligible)}; every eligible conv converted: {len(full)} of {len(with_eligible)}; some BatchNorm "
         f"absorbed: {len(absorbing)} of {len(with_eligible)}; errors: {len(records) - len(ok)}",
+        f"- converted convs a BatchNorm alone follows: {sum(r['followed'] for r in ok)}; of them absorbed into their "
+        f"block: {sum(r['absorbed'] for r in ok)}",
         f"- largest deploy error (relative, float64): "
         f"{max((r['deploy_error'] for r in ok), default=0.0):.2g}", "",
         "| family | model | eligible | converted | absorbed | BN after | deploy error | seconds | note |",
