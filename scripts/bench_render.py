@@ -155,10 +155,12 @@ def _targets_md(results: list[dict]) -> list[str]:
     return [
         "## Targets",
         "",
-        "Measured on the CPU, eager mode, against the unconverted model: `block=\"dbb\", mode=\"fast\"` at most "
-        "1.15x the step time and 1.20x the peak memory of ResNet-18 at batch 32, 224x224; exact DBB's step-time "
-        "ratio within 10% of the FLOP ratio its branches imply (the forward FLOP ratio of the training tables, "
-        "which counts every branch's convs).",
+        "Measured on the CPU, eager mode, against the unconverted model: "
+        + "; ".join(f"`block=\"{km.split('-')[0]}\", mode=\"{km.split('-')[1]}\"` at most {step:.2f}x the step time and "
+                    f"{memory:.2f}x the peak memory of {model} at batch {batch}, {side}x{side}"
+                    for (km, model, batch, side), (step, memory) in TARGETS.items())
+        + f"; exact DBB's step-time ratio within {FLOP_SLACK - 1:.0%} of the FLOP ratio its branches imply (the "
+        "forward FLOP ratio of the training tables, which counts every branch's convs).",
         "",
         "| target | measured | limit | |",
         "|---|---|---|---|",
@@ -344,58 +346,9 @@ NOTES = [
     "- Fast DBB composes the kernel of its 1x1-then-KxK branch by multiplying the two kernels, work that grows with "
     "the cube of the channel count and not with the batch or the image; the FLOP counter sees it, so its FLOP ratio "
     "in the training tables is far above 1 at small batches and images and falls as they grow.",
-    "",
-    "The notes below on ACB were written from the runs that measured its implementation candidates (the H100 "
-    "part's *What was tried* table and a CPU run of the same script on the machine above, before DBB, RepVGG and "
-    "QARepVGG were measured); the figures they quote are from those runs.",
-    "",
-    "- The exact block computes every branch, so its step-time ratio cannot go below the FLOP ratio of the training "
-    "tables. What it pays above that is memory-bound work that the FLOP count does not see: two more BatchNorms per "
-    "block (statistics, normalisation and their backward are passes over the branch outputs), the branch outputs "
-    "themselves, and the libraries' lower throughput on 1xK and Kx1 kernels (oneDNN on the CPU, cuDNN on the GPU). "
-    "For MobileNetV2, whose converted convs are depthwise (memory-bound themselves), that work is nearly all of it: "
-    "its FLOP ratio says little there. The naive reference runs the same native kernels, so exact mode can only "
-    "beat it by what it does around them, and it is level with it.",
-    "- Adding the third branch in place saves one full-size temporary per block; its time gain is within noise.",
-    "- Zero-padding the asymmetric kernels to KxK to run them as one conv triples their FLOPs, which costs far more "
-    "than the saved call. A custom BN + sum function written with PyTorch operations needs more passes over the "
-    "activations than the native fused BatchNorm kernels, in both directions.",
-    "- channels_last and disabling oneDNN change the original model as much as the acified one, so they do not "
-    "move the ratio in ACNet's favour (and oneDNN off is slower in absolute terms). Timed alone, oneDNN runs 1x3 "
-    "and 3x1 convs two to three times faster on channels_last input than on the default layout, but converting "
-    "the input inside the block and summing outputs of mixed layouts costs that back, and how much depends on "
-    "what else ran in the process: slightly faster than the shipped block in one CPU run (1.81x against "
-    "1.89x), but slower when the two are timed against the original alone (2.11-2.18x against 1.84-1.88x at "
-    "64x64, 2.64x against 2.04x at 224x224) and when each model trains alone in its own process, as in real "
-    "training (ResNet-18 at 64x64: 252-258 ms against 209-216 ms a step). It was not adopted.",
-    "- The crop a branch applies when the conv's padding is smaller than the branch offset is a view, and it does "
-    "not occur in ResNet or MobileNetV2 (every branch reaches its pixels through padding alone), so avoiding it "
-    "was not measured here.",
-    "- Fast mode: composing the kernel again in backward instead of keeping it was tried. It keeps one "
-    "kernel-sized tensor fewer per converted conv from forward to backward, but the peak comes in backward, "
-    "when the gradients are being written and the last layers' kernels are freed already: the peak barely moves "
-    "(ResNet-18 at batch 32, 64x64: 1.46x against 1.50x on the CPU, 1.44x against 1.45x on the H100), while the "
-    "extra composition and the operations around it cost time (CPU at 64x64: from level to 7% of a step across "
-    "runs; H100 at batch 32, where the host is the bottleneck: 2.38x against 1.93x). The shipped block keeps "
-    "the kernel. An earlier "
-    "memory account that summed everything saved for backward with every gradient overstated the saving "
-    "(1.67x -> 1.44x); the tables now give the allocator's peak on both devices.",
-    "- Fast mode's remaining cost is proportional to the number of weights, not to the batch or the image: the "
-    "composition, and the gradients and optimizer state of the extra 1xK and Kx1 kernels. Those kernels hold two "
-    "thirds as many weights as the 3x3 kernels (7.3 million in ResNet-18); with their gradients and SGD momentum "
-    "they alone add 84 MiB to the peak training memory of ResNet-18 at batch 32 (182 MiB for the original at "
-    "64x64, 779 MiB at 224x224): floors of 1.46x and 1.11x for any implementation that trains separate kernels. "
-    "The shipped block's peaks are 6 MiB above those floors (1.50x and 1.12x on the CPU): the composed kernels "
-    "still alive when the peak comes. The time follows the same pattern: a "
-    "visible share of a step at 64x64, where ResNet-18's "
-    "last stage works on 2x2 maps, and a few percent at 224x224; MobileNetV2's converted convs are depthwise, so "
-    "it is small there.",
-    "- On the GPU, a batch of 32 leaves the H100 idle most of the step: ResNet-18 takes 10-13 ms per step at both "
-    "64x64 and 224x224, the time the host needs to issue its operations. There every extra operation costs its "
-    "launch, whatever its size: exact mode adds two convs, two BatchNorms and two sums per block, fast mode a "
-    "dozen small operations on the kernels, and both cost about twice the original's step. At batch 256 the GPU "
-    "is the bottleneck and fast mode costs 1.04x (ResNet-18) and 1.02x (MobileNetV2) in time and 1.01x / 1.00x "
-    "in memory, while exact mode's extra activations and BatchNorms cost 2.34x / 1.93x. torch.compile (default "
-    "mode) at batch 32, 64x64 takes fast mode to 1.47x and exact mode to 2.14x; CUDA graphs (`mode=\"reduce-"
-    "overhead\"`), which remove launch costs, were not measured.",
+    "- Exact DBB computes four branches with up to six BatchNorms and an average pool: passes over full-size activations "
+    "that the FLOP count does not see, which is why its step-time ratio stays well above its FLOP ratio, most of "
+    "all for MobileNetV2, whose converted convs are depthwise.",
+    "- The notes on ACB's implementation, written from the runs that measured its candidates, are on "
+    "[their own page](benchmarks-notes.md).",
 ]
