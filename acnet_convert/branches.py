@@ -76,18 +76,12 @@ def conv_padding(conv: nn.Module) -> tuple[int, int]:
     return resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
 
 
-def pad_like_conv(x: Tensor, padding: tuple[int, int], padding_mode: str, value: Tensor | None = None) -> Tensor:
-    """``x`` padded as a conv with ``padding_mode`` pads its input; zero padding uses ``value`` per channel if given."""
+def pad_like_conv(x: Tensor, padding: tuple[int, int], padding_mode: str) -> Tensor:
+    """``x`` padded as a conv with ``padding_mode`` pads its input."""
     if not any(padding):
         return x
     pads = (padding[1], padding[1], padding[0], padding[0])
-    if padding_mode != "zeros":
-        return F.pad(x, pads, mode=padding_mode)
-    padded = F.pad(x, pads)
-    if value is None:
-        return padded
-    inside = F.pad(torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device), pads)
-    return torch.where(inside, padded, value.reshape(-1, 1, 1).to(x.dtype))
+    return F.pad(x, pads) if padding_mode == "zeros" else F.pad(x, pads, mode=padding_mode)
 
 
 class IdentityBranch(nn.Module):

@@ -86,7 +86,9 @@ def acify(
     return model
 
 
-def apply_plan(model: nn.Module, report: Plan, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA) -> nn.Module:
+def apply_plan(
+    model: nn.Module, report: Plan, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA
+) -> nn.Module:
     """Build the blocks ``report`` records into ``model`` (in place) without analysing it again; return it.
 
     Every recorded site is checked against the model first, so a plan that does not fit changes nothing.

@@ -65,7 +65,8 @@ class FastACBlock(ReparamBlock):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA, layout: str = "lines"
+        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
+        layout: str = "lines",
     ) -> FastACBlock:
         """Wrap an existing conv, keeping its weight and bias (the same Parameter objects).
 
