@@ -22,3 +22,12 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def first_line(exc: BaseException | Warning, *, with_type: bool = True) -> str:
+    """The first line of an exception's or warning's message, after ``Type: `` unless not ``with_type``; just the
+    type for an empty message."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}" if with_type else lines[0]

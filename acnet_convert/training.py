@@ -13,9 +13,9 @@ from typing import Any, ParamSpec
 import torch.distributed as dist
 from torch import nn
 
-from .convert import acify, deploy
+from .api import acify, deploy
 from .errors import ACNetError
-from .roundtrip import FORMATS, save_weights
+from .files.roundtrip import FORMATS, save_weights
 
 P = ParamSpec("P")
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from acnet_convert import acify, deploy, verify
-from acnet_convert.models import SmallCNN
+from acnet_convert.demo.models import SmallCNN
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from acnet_convert import acify, deploy, verify
-from acnet_convert.experiment import load_digits
-from acnet_convert.models import SmallCNN
+from acnet_convert.demo.experiment import load_digits
+from acnet_convert.demo.models import SmallCNN
 from acnet_convert.training import save_weights
 
 

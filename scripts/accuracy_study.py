@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from acnet_convert import ACNetError, acify, deploy, quant_report
-from acnet_convert.experiment import (
+from acnet_convert.demo.experiment import (
     Recipe,
     Split,
     accuracy,
@@ -44,7 +44,7 @@ from acnet_convert.experiment import (
     train,
     transformed_accuracy,
 )
-from acnet_convert.models import CifarResNet, SmallCNN
+from acnet_convert.demo.models import CifarResNet, SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
 KIND_MODES = ("acb-exact", "acb-fast", "dbb-exact", "dbb-fast", "repvgg-exact", "repvgg-fast", "qarepvgg-exact")
@@ -424,10 +424,10 @@ def report(record: dict) -> str:
         "## Quantisation",
         "",
         "Accuracy of each deployed model with its weights quantised. *W* columns: weight-only fake quantisation",
-        "(`acnet_convert.experiment.quantize_weights`): every BatchNorm folded into the conv before it, then every",
+        "(`acnet_convert.demo.experiment.quantize_weights`): every BatchNorm folded into the conv before it, then every",
         "conv and linear weight rounded with symmetric max-abs scales, `s = max|w| / (2^(b-1) - 1)` over the whole",
         "tensor or over each output channel; biases and activations stay in float. *W+A (PTQ)*: static INT8",
-        "post-training quantisation of weights and activations by the flow of `acnet_convert.ptq` (torch.ao FX, the",
+        "post-training quantisation of weights and activations by the flow of `acnet_convert.checks.ptq` (torch.ao FX, the",
         f"x86/fbgemm default qconfig mapping: per-channel weights), calibrated on the first {CALIBRATION_IMAGES} "
         "training images,",
         "then run on the test set. Each cell: mean top-1 (paired difference with the baseline quantised the same way",
@@ -471,7 +471,7 @@ python scripts/accuracy_study.py --dataset cifar10 --data-dir PATH --device cuda
 ```
 
 `--dataset cifar10` selects `--model resnet56` (He et al.'s CIFAR ResNet-56, 0.85M parameters, from
-`acnet_convert.models.CifarResNet`) and this recipe: standard augmentation (zero-pad to 40x40, random 32x32
+`acnet_convert.demo.models.CifarResNet`) and this recipe: standard augmentation (zero-pad to 40x40, random 32x32
 crop, random horizontal flip), SGD with momentum 0.9, batch 128, weight decay 1e-4, learning rate 0.2 with a
 cosine schedule to 0 over 400 epochs, every branch's BatchNorm gamma 1/3 (the authors' released ResNet-56
 configuration). Each option can be overridden (`--epochs`, `--batch-size`, `--lr`, `--weight-decay`,

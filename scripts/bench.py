@@ -47,7 +47,7 @@ from bench_render import markdown
 from naive_acnet import naive_acify
 
 from acnet_convert import acify, deploy
-from acnet_convert.experiment import fold_conv_bn
+from acnet_convert.demo.experiment import fold_conv_bn
 
 SECTIONS = ("train", "inference", "convert")
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from acnet_convert import acify, deploy, verify
-from acnet_convert.registry import is_block
+from acnet_convert.blocks.registry import is_block
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "mini", "s", "b0", "18", "050", "002")

@@ -5,8 +5,8 @@ import gc
 import pytest
 import torch
 
-from acnet_convert import registry
-from acnet_convert.registry import kinds
+from acnet_convert.blocks import registry as registry
+from acnet_convert.blocks.registry import kinds
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,9 @@ import timm
 from timm.models import register_model
 from torch import nn
 
-from ..convert import acify
+from ..api import acify
 from ..errors import ACNetError
-from ..registry import is_block
+from ..blocks import is_block
 from ..training import check_acify_options
 
 PREFIX = "acnet_"

@@ -17,9 +17,9 @@ from torch import nn
 from ultralytics.engine.model import Model
 from ultralytics.nn.modules import Conv2, RepConv, RepVGGDW
 
-from ..convert import PLAN_ATTR, acify, apply_plan, deploy
+from ..api import PLAN_ATTR, acify, apply_plan, deploy
 from ..errors import ACNetError
-from ..registry import is_block
+from ..blocks import is_block
 from ..training import check_acify_options
 
 # Ultralytics modules whose own fusion reads their convs' weights directly: their convs stay plain.

@@ -1,0 +1,260 @@
+"""The Diverse Branch Block (DBB, "ACNet v2"): KxK + 1x1 + 1x1-average-pool + 1x1-KxK branches, exact and fast.
+
+Every branch folds into the KxK kernel: a BatchNorm into the conv before it, a 1x1 conv followed by a
+KxK conv or average pool into one KxK kernel (``compose_1x1_kxk``, exact because the 1x1 output is padded
+with the value its BatchNorm gives a zero input), an average pool into a constant kernel
+(``avg_pool_kernel``), a 1x1 kernel into the centre of the KxK one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .acb import ACBranch
+from ..kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, compose_1x1_kxk_weight, embed_centre, \
+    fold_bn, identity_kernel  # fmt: skip
+from .registry import DEFAULT_GAMMA, register_block
+from .branches import (
+    ComposedKernel, SummedBranches, check_conv, conv_padding, copy_settings, init_new_branches, new_bn,
+    pad_like_conv, plain_conv_problem, pointwise_branch, scaled,
+)  # fmt: skip
+
+
+def dbb_problem(conv: nn.Module) -> str:
+    """Why a Diverse Branch Block cannot wrap ``conv``, or '' when it can."""
+    problem = plain_conv_problem(conv)
+    if not problem and any(d != 1 for d in conv.dilation):
+        problem = "dilation > 1: the average-pool branch has no dilated form"
+    return problem
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """Whether ``conv`` maps each channel to itself alone (groups == in == out channels): no 1x1 branch then."""
+    return conv.groups == conv.in_channels == conv.out_channels
+
+
+def inner_width(conv: nn.Module) -> int:
+    """The width of the 1x1-KxK branch between its two convs: in_channels, twice that for a depthwise conv."""
+    return conv.in_channels * (2 if is_depthwise(conv) else 1)
+
+
+def describe_dbb(conv: nn.Module) -> str:
+    """The branches of a DBB around ``conv`` as text, e.g. ``3x3 + 1x1 + 1x1-avg + 1x1-3x3``."""
+    square = "x".join(map(str, conv.kernel_size))
+    if is_depthwise(conv):
+        return f"{square} + avg + 1x1-{square}"
+    return f"{square} + 1x1 + 1x1-avg + 1x1-{square}"
+
+
+class ComposedBranch(nn.Module):
+    """An optional 1x1 conv with its BatchNorm, padded as the full conv pads its input, then a KxK conv or average
+    pool and a BatchNorm.
+
+    Zero padding of the 1x1 output uses what its BatchNorm outputs for a zero input (from the running
+    statistics, in training too), which is what the fused conv sees through its zero-padded input.
+    """
+
+    def __init__(
+        self, first: nn.Conv2d | None, first_bn: nn.Module | None, second: nn.Module, bn: nn.Module,
+        conv: nn.Conv2d,
+    ):
+        super().__init__()
+        self.first, self.first_bn, self.second, self.bn = first, first_bn, second, bn
+        self.padding, self.padding_mode, self.groups = conv_padding(conv), conv.padding_mode, conv.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.first is not None:
+            x = self.first_bn(self.first(x))
+        if self.first is None or self.padding_mode != "zeros" or not any(self.padding):
+            return self.bn(self.second(pad_like_conv(x, self.padding, self.padding_mode)))
+        # second(x padded with the value) = second(x zero-padded) + second(a zero sample padded with the value):
+        # the conv or pool pads by itself, and the border's share is computed for one sample, not the batch
+        border = border_image(bn_zero_output(self.first_bn, x.dtype), x, self.padding)
+        return self.bn(self.zero_padded_second(x) + self.second(border))
+
+    def zero_padded_second(self, x: Tensor) -> Tensor:
+        """The KxK conv or average pool of ``x`` zero-padded as the full conv pads, padding inside the operation."""
+        second, padding = self.second, self.padding
+        if isinstance(second, nn.Conv2d):
+            return F.conv2d(x, second.weight, None, second.stride, padding, 1, second.groups)
+        if all(p <= k // 2 for p, k in zip(padding, second.kernel_size)):  # what avg_pool2d can pad by itself
+            return F.avg_pool2d(x, second.kernel_size, second.stride, padding)
+        return second(pad_like_conv(x, padding, "zeros"))
+
+    def second_weight(self, dtype: torch.dtype) -> Tensor:
+        """The KxK kernel of the conv or average pool after the 1x1."""
+        if isinstance(self.second, nn.Conv2d):
+            return self.second.weight.to(dtype)
+        ref = self.bn.running_mean
+        channels = ref.shape[0]
+        return avg_pool_kernel(channels, self.second.kernel_size, self.groups, dtype=dtype, device=ref.device)
+
+    def kernel(self, dtype: torch.dtype) -> Kernel:
+        """This branch's KxK kernel and bias with its BatchNorms folded in."""
+        second = self.second_weight(dtype)
+        bias = second.new_zeros(second.shape[0])
+        if self.first is not None:
+            first = fold_bn(self.first.weight.to(dtype), None, self.first_bn)
+            second, bias = compose_1x1_kxk(first, (second, bias), self.groups)
+        return fold_bn(second, bias, self.bn)
+
+
+class DBBlock(SummedBranches):
+    """The Diverse Branch Block: KxK-BN + 1x1-BN + 1x1-BN-avgpool-BN + 1x1-BN-KxK-BN, outputs summed.
+
+    A depthwise conv (groups == in == out) gets no 1x1 branch, an average pool straight on the input and
+    a 1x1-KxK branch twice as wide as its input.  Any padding and padding mode; no dilation.
+    """
+
+    kind = "dbb"
+    mode = "exact"
+    absorbs_bn = True
+
+    @classmethod
+    def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return dbb_problem(conv)
+
+    @classmethod
+    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return describe_dbb(conv)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
+        layout: str = "lines",
+    ) -> DBBlock:
+        """Wrap ``conv`` and the BatchNorm after it (kept as they are) and add the three new branches.
+
+        The 1x1 of the 1x1-KxK branch starts as the identity (each inner channel a copy of an input channel).
+        ``init="preserve"``: each new branch's last BatchNorm starts with gamma = beta = 0 (eval output
+        unchanged); ``init="scratch"``: those gammas and the absorbed BatchNorm's start at ``gamma_init``.
+        """
+        check_conv(cls, conv, init)
+        block = cls()
+        copy_settings(block, conv)
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        branches = {"square": ACBranch(conv, bn if bn is not None else nn.Identity(), (0, 0))}
+        if not is_depthwise(conv):
+            branches["pointwise"] = pointwise_branch(conv, new_bn(bn, conv.out_channels, **factory), **factory)
+        branches["avg"] = _avg_branch(conv, bn, **factory)
+        branches["pointwise_kxk"] = _pointwise_kxk_branch(conv, bn, **factory)
+        block.branches = nn.ModuleDict(branches)
+        init_new_branches(branches, bn, init, gamma_init)
+        block.train(conv.training)
+        return block
+
+
+def border_image(value: Tensor, x: Tensor, padding: tuple[int, int]) -> Tensor:
+    """One zero sample the size of ``x``'s, padded by ``padding`` with ``value`` per channel."""
+    inside = F.pad(torch.ones_like(x[:1, :1]), (padding[1], padding[1], padding[0], padding[0]))
+    return (1 - inside) * value.reshape(1, -1, 1, 1)
+
+
+def _avg_branch(conv: nn.Conv2d, bn: nn.Module | None, **factory) -> ComposedBranch:
+    """The average-pool branch: 1x1-BN (none for a depthwise conv), KxK average pool with the conv's stride, BN."""
+    first = first_bn = None
+    if not is_depthwise(conv):
+        first = nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups, bias=False, **factory)
+        first_bn = new_bn(bn, conv.out_channels, **factory)
+    pool = nn.AvgPool2d(conv.kernel_size, conv.stride, 0)
+    return ComposedBranch(first, first_bn, pool, new_bn(bn, conv.out_channels, **factory), conv)
+
+
+def _pointwise_kxk_branch(conv: nn.Conv2d, bn: nn.Module | None, **factory) -> ComposedBranch:
+    """The 1x1-BN-KxK-BN branch, its 1x1 starting as the identity."""
+    width = inner_width(conv)
+    first = nn.Conv2d(conv.in_channels, width, 1, groups=conv.groups, bias=False, **factory)
+    with torch.no_grad():
+        first.weight.copy_(identity_kernel(width, conv.in_channels, conv.groups, **factory))
+    second = nn.Conv2d(width, conv.out_channels, conv.kernel_size, conv.stride, 0, groups=conv.groups, bias=False,
+                       **factory)  # fmt: skip
+    return ComposedBranch(first, new_bn(bn, width, **factory), second, new_bn(bn, conv.out_channels, **factory), conv)
+
+
+class FastDBBlock(ComposedKernel):
+    """DBB linearised: one conv whose kernel is composed, every forward, from the scaled branch kernels.
+
+    ``kernel = s_square * weight + centre(s_1x1 * weight_1x1) + s_avg * (weight_avg then average pool)
+    + s_kxk * (weight_inner then weight_outer)``, one learnable scale per output channel and branch; no
+    BatchNorm inside (the one after the conv stays in the model) and the conv's own bias, if any, is kept.
+    """
+
+    kind = "dbb"
+    mode = "fast"
+    absorbs_bn = False
+
+    @classmethod
+    def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return dbb_problem(conv)
+
+    @classmethod
+    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return describe_dbb(conv) + " (composed)"
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
+        layout: str = "lines",
+    ) -> FastDBBlock:
+        """Wrap ``conv`` (its weight and bias Parameters kept); new scales start at 0 (preserve) or ``gamma_init``.
+
+        New kernels start as in exact mode: PyTorch's default, the 1x1 before the inner KxK as the identity.
+        """
+        check_conv(cls, conv, init)
+        block = cls()
+        copy_settings(block, conv)
+        block.explicit_padding = conv_padding(conv)
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        block.weight = conv.weight
+        block.register_parameter("bias", conv.bias)
+        pointwise = not is_depthwise(conv)
+        for name in ("weight_1x1", "weight_avg"):
+            block.register_parameter(name, _pointwise_weight(conv, **factory) if pointwise else None)
+        width = inner_width(conv)
+        block.weight_inner = nn.Parameter(identity_kernel(width, conv.in_channels, conv.groups, **factory))
+        block.weight_outer = nn.Conv2d(width, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=False,
+                                       **factory).weight  # fmt: skip
+        scale_new = 0.0 if init == "preserve" else gamma_init
+        block.scale_square = nn.Parameter(torch.ones(conv.out_channels, **factory))
+        for name in ("scale_1x1", "scale_avg", "scale_kxk"):
+            scale = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
+            block.register_parameter(name, scale if pointwise or name != "scale_1x1" else None)
+        block.train(conv.training)
+        return block
+
+    def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
+        tensors = (self.weight, self.weight_1x1, self.weight_avg, self.weight_inner, self.weight_outer,
+                   self.scale_square, self.scale_1x1, self.scale_avg, self.scale_kxk)  # fmt: skip
+        return compose_dbb(self.groups, *(t if dtype is None or t is None else t.to(dtype) for t in tensors))
+
+
+def _pointwise_weight(conv: nn.Conv2d, **factory) -> nn.Parameter:
+    """A 1x1 kernel with ``conv``'s channels and groups, initialised as PyTorch initialises a conv's."""
+    return nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups, bias=False, **factory).weight
+
+
+@torch.fx.wrap
+def compose_dbb(
+    groups: int, weight: Tensor, weight_1x1: Tensor | None, weight_avg: Tensor | None, weight_inner: Tensor,
+    weight_outer: Tensor, scale_square: Tensor, scale_1x1: Tensor | None, scale_avg: Tensor, scale_kxk: Tensor,
+) -> Tensor:
+    """The fast DBB's kernel: the scaled KxK, 1x1 (at the centre), 1x1-average-pool and 1x1-KxK kernels summed.
+
+    The average pool keeps each channel to itself, so the 1x1-average-pool kernel is the 1x1 kernel (the identity
+    for a depthwise conv) spread evenly over the KxK taps: a broadcast, not a kernel product.
+    One node in a ``torch.fx`` graph: symbolic tracing records the call, not its shape-dependent steps.
+    """
+    taps = weight.shape[2] * weight.shape[3]
+    avg = scale_avg.reshape(-1, 1, 1, 1) if weight_avg is None else scaled(weight_avg, scale_avg)
+    kxk = compose_1x1_kxk_weight(weight_inner, weight_outer, groups)
+    kernel = scaled(weight, scale_square) + scaled(kxk, scale_kxk) + avg / taps
+    if weight_1x1 is not None:
+        kernel = kernel + embed_centre(scaled(weight_1x1, scale_1x1), weight.shape[2:])
+    return kernel
+
+
+register_block("dbb", DBBlock)
+register_block("dbb", FastDBBlock)

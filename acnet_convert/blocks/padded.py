@@ -1,0 +1,46 @@
+"""A block for a conv subclass that pads its input in ``forward``: the same padding, then a block of any kind."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+
+from ..kernels import Kernel
+from .registry import ReparamBlock
+
+
+class PaddedBlock(ReparamBlock):
+    """``block(pad(x))``: a block around the plain convolution of a conv subclass that pads in ``forward`` (timm's
+    ``Conv2dSame``, ...), fusing back into a conv of that subclass (with a bias)."""
+
+    def __init__(self, pad: nn.Module, block: ReparamBlock, original: nn.Module):
+        super().__init__()
+        self.pad = pad
+        self.block = block
+        self.kind, self.mode, self.layout = block.kind, block.mode, block.layout
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(block, name))
+        self.padding_mode = getattr(block, "padding_mode", "zeros")
+        self.__dict__["_skeleton"] = copy.deepcopy(original).to("meta")  # class and settings, no weights
+
+    @classmethod
+    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return type(conv.block).describe(conv.block, layout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(self.pad(x))
+
+    def equivalent_kernel(self) -> Kernel:
+        return self.block.equivalent_kernel()
+
+    def fused_kernel(self) -> Kernel:
+        return self.block.fused_kernel()
+
+    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Module:
+        """A conv of the original subclass holding the block's fused kernel."""
+        inner = self.block.fuse(weight, bias)
+        conv = copy.deepcopy(self._skeleton).to_empty(device=inner.weight.device).to(inner.weight.dtype)
+        conv.weight, conv.bias = inner.weight, inner.bias
+        conv.train(self.training)
+        return conv

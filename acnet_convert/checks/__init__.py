@@ -1,0 +1,1 @@
+"""Checks: verification against a reference, the quantisation report and post-training quantisation."""

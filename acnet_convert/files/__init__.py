@@ -1,0 +1,1 @@
+"""Files: checkpoints, the round trip (save, load, original weights), model specs, inputs and export."""

@@ -1,0 +1,59 @@
+"""The scripts a user runs: they must keep working (smoke sizes; the figures are not checked here)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_quickstart_example_deploys_exactly():
+    result = run("examples/quickstart.py")
+    assert result.returncode == 0, result.stderr
+    assert "3 conv sites: 3 converted (3 with their BatchNorm)" in result.stdout
+    error = float(result.stdout.split("relative ")[1].split(")")[0])
+    assert error < 1e-5
+
+
+def test_conversion_benchmark_runs(tmp_path):
+    out = tmp_path / "bench.md"
+    result = run("scripts/bench.py", "--smoke", "--sections", "convert", "--threads", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "| exact | no | 17 |" in text and "| fast | yes | 17 |" in text and "| 6 |" in text
+
+
+def load_device_check():
+    spec = importlib.util.spec_from_file_location("device_check", ROOT / "scripts" / "device_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_check_passes_on_the_cpu(capsys):
+    assert load_device_check().main(["--device", "cpu", "--side", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.startswith("ok") for line in lines), lines  # gradients, exact, fast
+    assert "exact autocast bfloat16" in lines[1] and "fast  autocast bfloat16" in lines[2]
+
+
+def test_device_check_fails_when_deployment_is_wrong(capsys):
+    check = load_device_check()
+    real_deploy = check.deploy
+
+    def off_by_a_little(model):
+        deployed = real_deploy(model)
+        with torch.no_grad():
+            deployed.conv1.weight.mul_(1.001)
+        return deployed
+
+    check.deploy = off_by_a_little
+    assert check.main(["--device", "cpu", "--side", "32"]) == 1
+    assert capsys.readouterr().out.count("FAIL") == 2
