@@ -9,16 +9,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .analysis import batchnorm_part, conv_adapter, norm_tail, plain_conv
-from .modules import class_path
-from .blocks import BLOCK_CONVS, resolve_padding
-from .constants import LAYOUTS
+from .analysis import (
+    NEEDS_EXAMPLE_RUN, BlockChoice, Plan, PlanOptions, Site, analyze, batchnorm_part, conv_adapter, norm_tail,
+    plain_conv,
+)  # fmt: skip
+from .blocks import BLOCK_CONVS, PaddedBlock, block_class, is_block, resolve_padding
+from .constants import DEFAULT_GAMMA, DEFAULT_KIND, DEFAULT_MIN_KERNEL, INITS, LAYOUTS, MODES
 from .errors import ACNetError, warn
-from .analysis import BlockChoice, Plan, Site, analyze
-from .blocks import PaddedBlock
-from .blocks import block_class, is_block
-from .constants import DEFAULT_GAMMA, DEFAULT_KIND, INITS, MODES
-from .modules import replace_module
+from .modules import class_path, modes_kept, replace_module
 
 PLAN_ATTR = "acnet_plan"
 
@@ -30,7 +28,7 @@ def plan(
     mode: str = "exact",
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
-    min_kernel: int = 3,
+    min_kernel: int = DEFAULT_MIN_KERNEL,
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
     layout3d: str = "lines",
@@ -42,9 +40,11 @@ def plan(
     _check_block_choice(block, mode)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    return analyze(
-        model, _patterns(include), _patterns(exclude), min_kernel, max_kernel, example_inputs, layout3d, block, mode
-    )
+    options = PlanOptions(
+        include=_patterns(include), exclude=_patterns(exclude), min_kernel=min_kernel, max_kernel=max_kernel,
+        example_inputs=example_inputs, layout=layout3d, block=block, mode=mode,
+    )  # fmt: skip
+    return analyze(model, options)
 
 
 def acify(
@@ -57,7 +57,7 @@ def acify(
     exclude: Sequence[str] | str | None = None,
     init: str = "preserve",
     gamma_init: float = DEFAULT_GAMMA,
-    min_kernel: int = 3,
+    min_kernel: int = DEFAULT_MIN_KERNEL,
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
     layout3d: str = "lines",
@@ -77,27 +77,27 @@ def acify(
         raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
     if isinstance(model, BLOCK_CONVS):
         raise ACNetError("acify needs a model that contains convs; wrap a single conv with ACBlock.from_conv")
-    report = plan(
+    new_plan = plan(
         model, block=block, mode=mode, include=include, exclude=exclude, min_kernel=min_kernel,
         max_kernel=max_kernel, example_inputs=example_inputs, layout3d=layout3d,
     )  # fmt: skip
     if not inplace:
         model = copy.deepcopy(model)
-    apply_plan(model, report, init=init, gamma_init=gamma_init)
+    apply_plan(model, new_plan, init=init, gamma_init=gamma_init)
     if example_inputs is None:
-        _warn_untraced(report)
+        _warn_untraced(new_plan)
     return model
 
 
 def apply_plan(
-    model: nn.Module, report: Plan, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA
+    model: nn.Module, plan: Plan, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA
 ) -> nn.Module:
-    """Build the blocks ``report`` records into ``model`` (in place) without analysing it again; return it.
+    """Build the blocks ``plan`` records into ``model`` (in place) without analysing it again; return it.
 
     Every recorded site is checked against the model first, so a plan that does not fit changes nothing.
     """
-    located = [_locate_site(model, site) for site in report.converted]
-    for site, (conv, bn) in zip(report.converted, located):
+    located = [_locate_site(model, site) for site in plan.converted]
+    for site, (conv, bn) in zip(plan.converted, located):
         inner = plain_conv(conv) if site.adapter else conv
         block = block_class(site.kind, site.mode).from_conv(
             inner, None if bn is None else batchnorm_part(bn), init=init, gamma_init=gamma_init, layout=site.layout
@@ -110,7 +110,7 @@ def apply_plan(
             tail = norm_tail(bn)
             for name in (site.bn, *site.bn_aliases):
                 replace_module(model, name, tail)
-    setattr(model, PLAN_ATTR, report)
+    setattr(model, PLAN_ATTR, plan)
     return model
 
 
@@ -208,15 +208,10 @@ def _check_fusion(
     x = torch.randn(1, conv.in_channels, *size, dtype=torch.float64, device=weight.device)
     state = {n: t.detach().to(torch.float64) for n, t in [*block.named_parameters(), *block.named_buffers()]
              if t.is_floating_point()}  # fmt: skip
-    was_training = block.training
-    block.eval()
-    try:
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            want = torch.func.functional_call(block, state, (x,))
-            fused = {"weight": weight} | ({"bias": bias} if conv.bias is not None else {})
-            got = torch.func.functional_call(conv, fused, (x,))
-    finally:
-        block.train(was_training)
+    with modes_kept(block, training=False), torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        want = torch.func.functional_call(block, state, (x,))
+        fused = {"weight": weight} | ({"bias": bias} if conv.bias is not None else {})
+        got = torch.func.functional_call(conv, fused, (x,))
     err = (want - got).abs().max().item()
     if err > tolerance * max(1.0, want.abs().max().item()):
         raise ACNetError(f"fusing {name or '<root>'} is not exact (max error {err:.3g}); the model was left unchanged")
@@ -240,29 +235,29 @@ def _check_block_choice(block: BlockChoice, mode: str) -> None:
         block_class(kind, mode)
 
 
-def _warn_untraced(report: Plan) -> None:
+def _warn_untraced(plan: Plan) -> None:
     """One warning when code torch.fx cannot trace left convs unconverted or without their BatchNorm."""
-    skipped = sum(1 for s in report.skipped if "example_inputs" in s.reason)
-    alone = sum(1 for s in report.converted if s.evidence == "source")
+    skipped = sum(1 for s in plan.skipped if s.code in NEEDS_EXAMPLE_RUN)
+    alone = sum(1 for s in plan.converted if s.evidence == "source")
     if not skipped and not alone:
         return
-    first = next(iter(report.trace_failures)) or "<root>"
+    first = next(iter(plan.trace_failures)) or "<root>"
     warn(
-        f"torch.fx could not trace {len(report.trace_failures)} module(s) (first: {first}): {skipped} conv(s) there "
+        f"torch.fx could not trace {len(plan.trace_failures)} module(s) (first: {first}): {skipped} conv(s) there "
         f"were left unconverted and {alone} converted without their BatchNorm; pass example_inputs=(a batch the "
         f"model accepts,) to acify to analyse them by running the model once (see model.{PLAN_ATTR})"
     )
 
 
 def _warn_no_blocks(model: nn.Module) -> None:
-    report = getattr(model, PLAN_ATTR, None)
-    if isinstance(report, Plan) and not report.converted:
+    recorded = getattr(model, PLAN_ATTR, None)
+    if isinstance(recorded, Plan) and not recorded.converted:
         warn(f"no ACNet blocks found: acify converted no conv of this model (see model.{PLAN_ATTR})")
     else:
         warn("no ACNet blocks found: did you use the model acify returned?")
 
 
-def _patterns(patterns: Sequence[str] | str | None) -> list[str] | None:
+def _patterns(patterns: Sequence[str] | str | None) -> tuple[str, ...] | None:
     if patterns is None:
         return None
-    return [patterns] if isinstance(patterns, str) else list(patterns)
+    return (patterns,) if isinstance(patterns, str) else tuple(patterns)

@@ -44,6 +44,11 @@ def fold_bn(
     return w, beta + (b - mean) * scale
 
 
+def scaled(weight: Tensor, scale: Tensor) -> Tensor:
+    """A 2D conv's ``weight`` with each output channel multiplied by its entry of ``scale``."""
+    return weight * scale.reshape(-1, 1, 1, 1)
+
+
 def centre_slices(small: Sequence[int], full: Sequence[int]) -> tuple[slice, ...]:
     """Where an odd-sided kernel of spatial size ``small`` sits at the centre of one of size ``full``."""
     slices = []

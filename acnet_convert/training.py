@@ -14,8 +14,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .api import acify, deploy
+from .constants import FILE_FORMATS
 from .errors import ACNetError
-from .files.roundtrip import FORMATS, save_weights
+from .files.roundtrip import save_weights
 
 P = ParamSpec("P")
 
@@ -74,8 +75,8 @@ class ACNetTraining:
         **options: Any,
     ):
         check_acify_options(options, (*ACIFY_OPTIONS, "inplace"))
-        if format not in FORMATS:
-            raise ACNetError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+        if format not in FILE_FORMATS:
+            raise ACNetError(f"unknown format {format!r}: use one of {', '.join(FILE_FORMATS)}")
         self.model = acify(model, **options)
         self.out = None if out is None else Path(out)
         self.format = format

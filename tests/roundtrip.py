@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from acnet_convert import ACBlock, acify, deploy, verify
+from acnet_convert.blocks import is_block
 
 
 def eligible_convs(model: nn.Module) -> list[nn.Module]:
@@ -15,6 +16,11 @@ def eligible_convs(model: nn.Module) -> list[nn.Module]:
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def module_sizes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Module name -> (parameter count, out_channels or 0), taken before an in-place conversion replaces them."""
+    return {name: (n_params(m), getattr(m, "out_channels", 0)) for name, m in model.named_modules()}
 
 
 def calibrate_bn(model, inputs):
@@ -37,16 +43,30 @@ def calibrate_bn(model, inputs):
     model.eval()
 
 
+def give_bn_statistics(model: nn.Module) -> None:
+    """Set every BatchNorm's affine parameters and running statistics to mild random values (no forward pass)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.8, 1.25)
+                if m.affine:
+                    m.weight.uniform_(0.8, 1.2)
+                    m.bias.uniform_(-0.1, 0.1)
+
+
 def check_round_trip(model, train_step, eval_inputs, **acify_options):
-    """acify, train one step, deploy, and compare eval outputs.
+    """acify ``model`` in place, train one step, deploy, and compare eval outputs.
 
     The comparison runs in float64, so that it measures the conversion rather than float32 rounding amplified by a
     randomly initialised deep network (float32 exactness is checked layer by layer in test_block.py).
     """
+    model_class, original_params, sizes = type(model), n_params(model), module_sizes(model)
     eligible = eligible_convs(model)
-    acified = acify(model, init="scratch", example_inputs=eval_inputs, **acify_options)
-    report = acified.acnet_plan
-    assert len(report.converted) == len(eligible)
+    added_bias = sum(c.out_channels for c in eligible if c.bias is None)
+    acified = acify(model, inplace=True, init="scratch", example_inputs=eval_inputs, **acify_options)
+    plan = acified.acnet_plan
+    assert len(plan.converted) == len(eligible)
     assert sum(isinstance(m, ACBlock) for m in acified.modules()) == len(eligible)
 
     acified.train()
@@ -54,17 +74,88 @@ def check_round_trip(model, train_step, eval_inputs, **acify_options):
     loss.backward()
     blocks = [m for m in acified.modules() if isinstance(m, ACBlock)]
     assert all(br.conv.weight.grad is not None for b in blocks for n, br in b.branches.items() if n != "square")
+    acified.zero_grad(set_to_none=True)  # memory: the gradients are not needed any more
 
     calibrate_bn(acified, eval_inputs)
     acified.double()
     deployed = deploy(acified)
     assert not any(isinstance(m, ACBlock) for m in deployed.modules())
-    assert type(deployed) is type(model)
+    assert type(deployed) is model_class
     verify(acified, deployed, *_double(eval_inputs), rtol=1e-6)  # float64 allows far tighter than 1e-4
 
-    absorbed = sum(n_params(model.get_submodule(s.bn)) for s in report.converted if s.bn)
-    added_bias = sum(c.out_channels for c in eligible if c.bias is None)
-    assert n_params(deployed) == n_params(model) - absorbed + added_bias
+    absorbed = sum(sizes[s.bn][0] for s in plan.converted if s.bn)
+    assert n_params(deployed) == original_params - absorbed + added_bias
+
+
+def expected_kinds(model: nn.Module, kind: str) -> dict[str, str]:
+    """The kind each conv should get, by the rules of each block, counted without the library: plain Conv2d with
+    odd sides other than 1x1 (and, for DBB, no dilation) take ``kind``; other convs ACB can take fall back to it."""
+    acb = {id(m) for m in eligible_convs(model)}
+    expected = {}
+    for name, m in model.named_modules():
+        sides = getattr(m, "kernel_size", ())
+        takes = type(m) is nn.Conv2d and all(k % 2 for k in sides) and max(sides) > 1
+        if takes and (kind != "dbb" or m.dilation == (1, 1)):
+            expected[name] = kind
+        elif id(m) in acb:
+            expected[name] = "acb"
+    return expected
+
+
+LARGEST_CONVS = 100_000_000  # conv weights above which only the first eight eligible convs are converted (memory)
+
+
+def check_kind(model: nn.Module, kind: str, x: torch.Tensor) -> None:
+    """Convert and deploy in place (one copy of the model in memory), comparing outputs taken before each step:
+    preserve init, a train step, exact deployment in float64, parameter counts."""
+    give_bn_statistics(model)
+    model.eval()
+    expected = expected_kinds(model, kind)
+    include = None
+    if sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d)) > LARGEST_CONVS:
+        include = list(expected)[:8]  # the first eight: memory, not coverage, is the limit
+        expected = {name: expected[name] for name in include}
+    sizes = module_sizes(model)
+    original_params = n_params(model)
+    with torch.no_grad():
+        want = model(x)
+    acified = acify(model, inplace=True, block=kind, include=include, init="preserve", example_inputs=(x,))
+    with torch.no_grad():
+        assert_outputs_close(want, acified(x), rtol=1e-5)  # preserve init: the new branches add exact zeros
+    plan = acified.acnet_plan
+    assert {s.name: s.kind for s in plan.converted} == expected
+    if not expected:
+        return  # no eligible conv (ViT, Swin: even patch kernels): the model is unchanged, nothing to deploy
+
+    acified.train()
+    output_sum(acified(x)).backward()
+    new_kernels = [p for m in acified.modules() if is_block(m) for n, p in m.named_parameters() if "weight" in n]
+    assert new_kernels and all(p.grad is not None for p in new_kernels)
+    acified.zero_grad(set_to_none=True)
+    calibrate_bn(acified, (x,))
+    acified.double()
+    with torch.no_grad():
+        trained = acified(x.double())
+        deployed = deploy(acified, inplace=True)
+        assert_outputs_close(trained, deployed(x.double()), rtol=1e-6)  # float64: the conversion alone
+    absorbed = sum(sizes[s.bn][0] for s in plan.converted if s.bn)
+    added_bias = sum(sizes[s.name][1] for s in plan.converted if not s.conv_bias)
+    assert n_params(deployed) == original_params - absorbed + added_bias
+
+
+def assert_outputs_close(want, got, rtol: float) -> None:
+    """Every output tensor within ``rtol`` x max(1, max|want|) (the bound ``verify`` uses)."""
+    pairs = list(zip(tensors(want), tensors(got), strict=True))
+    assert pairs
+    for a, b in pairs:
+        assert (a - b).abs().max().item() <= rtol * max(1.0, a.abs().max().item())
+
+
+def tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = [out[k] for k in sorted(out)] if isinstance(out, dict) else list(out)
+    return [t for v in values for t in tensors(v)]
 
 
 def _double(inputs):

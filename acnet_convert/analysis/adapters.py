@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ACNetError
+from ..modules import class_path
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,6 @@ CONV_ADAPTERS: dict[str, ConvAdapter] = {
     ),
     "efficientnet_pytorch.utils.Conv2dStaticSamePadding": ConvAdapter(lambda c: c.static_padding),
 }
-
-
-def class_path(cls: type) -> str:
-    """``module.QualName`` of a class: the key of the adapter tables."""
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def register_norm_adapter(cls: type | str, after: Sequence[str]) -> None:

@@ -15,7 +15,9 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .flow import Flow
+from ..modules import modes_kept
+from .flow import EXTRA_ARGUMENTS, Flow
+from .reasons import Reason
 
 
 def probe_flow(model: nn.Module, example_inputs: tuple) -> Flow:
@@ -26,16 +28,12 @@ def probe_flow(model: nn.Module, example_inputs: tuple) -> Flow:
     for module in watched:
         handles.append(module.register_forward_pre_hook(recorder.enter, with_kwargs=True))
         handles.append(module.register_forward_hook(recorder.leave, always_call=True))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad(), recorder:
+        with modes_kept(model, training=False), torch.no_grad(), recorder:
             model(*example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     return recorder.flow()
 
 
@@ -48,13 +46,13 @@ class _Recorder(TorchFunctionMode):
         self.outputs: dict[int, tuple[str, Tensor, list[str]]] = {}  # id(conv output) -> (conv, tensor, consumers)
         self.calls: Counter = Counter()
         self.bn_input: dict[str, set[str]] = {}
-        self.unsafe: dict[str, str] = {}
+        self.unsafe: dict[str, Reason] = {}
 
     def enter(self, module, args, kwargs):
         name = self.names[module]
         self.calls[name] += 1
         if isinstance(module, _ConvNd) and (len(args) != 1 or kwargs):
-            self.unsafe.setdefault(name, "called with extra arguments (e.g. output_size)")
+            self.unsafe.setdefault(name, EXTRA_ARGUMENTS)
         if isinstance(module, _BatchNorm):
             source = self.outputs.get(id(args[0])) if len(args) == 1 and not kwargs else None
             self.bn_input.setdefault(name, set()).add(source[0] if source else "<other input>")
@@ -74,7 +72,8 @@ class _Recorder(TorchFunctionMode):
                 continue
             owner = self.owner.get(id(value))
             if owner is not None and (current is None or self.names[current] != owner):
-                self.unsafe.setdefault(owner, f"a parameter of it is used by {_name(func)} outside its call")
+                used = Reason("parameter-used-outside", f"a parameter of it is used by {_name(func)} outside its call")
+                self.unsafe.setdefault(owner, used)
             source = self.outputs.get(id(value))
             if source is None or _reads_metadata(func):
                 continue
@@ -97,12 +96,12 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
-def _describe(consumers: list[str]) -> str:
+def _describe(consumers: list[str]) -> Reason:
     if not consumers:
-        return "its output is not used by a torch operation"
+        return Reason("output-unused", "its output is not used by a torch operation")
     if len(consumers) > 1:
-        return f"its output feeds {len(consumers)} operations"
-    return f"its output feeds {consumers[0]}, not a BatchNorm module"
+        return Reason("output-shared", f"its output feeds {len(consumers)} operations")
+    return Reason("no-batchnorm-after", f"its output feeds {consumers[0]}, not a BatchNorm module")
 
 
 def _name(func) -> str:
@@ -110,7 +109,8 @@ def _name(func) -> str:
 
 
 _METADATA = {"size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous", "is_floating_point",
-             "__len__", "shape", "ndim", "dtype", "device", "layout", "requires_grad", "is_cuda", "grad_fn"}  # fmt: skip
+             "__len__", "shape", "ndim", "dtype", "device", "layout", "requires_grad", "is_cuda",
+             "grad_fn"}  # fmt: skip
 
 
 def _reads_metadata(func) -> bool:

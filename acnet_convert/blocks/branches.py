@@ -1,4 +1,4 @@
-"""What the Conv2d block kinds beyond ACB share: settings, branch modules, and the block whose branches are summed."""
+"""The branches an exact block sums: a conv and its norm, the input itself, and how new branches start."""
 
 from __future__ import annotations
 
@@ -7,12 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .acb import ACBranch, branch_geometry, resolve_padding
-from ..errors import ACNetError
-from ..kernels import Kernel, fold_bn, identity_kernel, sum_branches
-from .registry import INITS, ReparamBlock
-
-_SETTINGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+from ..kernels import Kernel, fold_bn, identity_kernel
+from .geometry import branch_geometry, conv_padding, pad_like_conv
 
 
 def plain_conv_problem(conv: nn.Module) -> str:
@@ -31,57 +27,40 @@ def has_identity(conv: nn.Module) -> bool:
     return conv.in_channels == conv.out_channels and tuple(conv.stride) == (1, 1)
 
 
-def check_conv(cls: type[ReparamBlock], conv: nn.Module, init: str) -> None:
-    """Raise ``ACNetError`` when ``cls`` cannot wrap ``conv`` or ``init`` is unknown."""
-    if init not in INITS:
-        raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
-    problem = cls.conv_problem(conv)
-    if problem:
-        raise ACNetError(f"{cls.__name__} cannot wrap this conv ({problem}): use another block kind for it")
+class ConvBranch(nn.Module):
+    """One branch: optional input crop, a conv, optional output zero-pad, and a BatchNorm (or Identity)."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, crop: tuple[int, ...] = (), pad: tuple[int, ...] = ()):
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+        self.crop = crop
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        if any(self.crop):
+            x = x[(..., *(slice(c, -c or None) for c in self.crop))]
+        y = self.conv(x)
+        if any(self.pad):  # before the BN, so that the BN's bias lands there too, as in the fused conv
+            y = F.pad(y, [p for p in reversed(self.pad) for _ in range(2)])
+        return self.bn(y)
+
+    def kernel(self, dtype: torch.dtype) -> Kernel:
+        """This branch's weight and bias with its BatchNorm folded in, in ``dtype``."""
+        return fold_bn(self.conv.weight.to(dtype), self.conv.bias, self.bn, transposed=self.conv.transposed,
+                       groups=self.conv.groups)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        parts = [f"crop={self.crop}"] if any(self.crop) else []
+        return ", ".join(parts + ([f"pad={self.pad}"] if any(self.pad) else []))
 
 
-def copy_settings(block: nn.Module, conv: nn.Conv2d) -> None:
-    """Give ``block`` the settings attributes of ``conv`` that the rest of the package reads."""
-    for name in _SETTINGS:
-        setattr(block, name, getattr(conv, name))
-
-
-def new_bn(absorbed: nn.Module | None, channels: int, **factory) -> _BatchNorm:
-    """A fresh BatchNorm2d for a new branch: class, eps and momentum follow the absorbed one, if any."""
-    if not isinstance(absorbed, _BatchNorm):
-        return nn.BatchNorm2d(channels, **factory)
-    cls = nn.SyncBatchNorm if isinstance(absorbed, nn.SyncBatchNorm) else nn.BatchNorm2d
-    return cls(channels, eps=absorbed.eps, momentum=absorbed.momentum, **factory)
-
-
-def set_affine(bn: nn.Module, gamma: float, beta: float | None = None) -> None:
-    """Fill an affine BatchNorm's gamma (and beta, if given); other modules are left alone."""
-    if isinstance(bn, _BatchNorm) and bn.affine:
-        with torch.no_grad():
-            bn.weight.fill_(gamma)
-            if beta is not None:
-                bn.bias.fill_(beta)
-
-
-def pointwise_branch(conv: nn.Conv2d, bn: nn.Module, **factory) -> ACBranch:
+def pointwise_branch(conv: nn.Conv2d, bn: nn.Module, **factory) -> ConvBranch:
     """A 1x1 conv and ``bn`` aligned on the centre tap of ``conv``'s kernel (padding reduced or input cropped)."""
     geo = branch_geometry(conv.kernel_size, (1, 1), conv_padding(conv), conv.dilation)
     pointwise = nn.Conv2d(conv.in_channels, conv.out_channels, 1, conv.stride, geo.padding, groups=conv.groups,
                           bias=False, padding_mode=conv.padding_mode, **factory)  # fmt: skip
-    return ACBranch(pointwise, bn, geo.crop)
-
-
-def conv_padding(conv: nn.Module) -> tuple[int, int]:
-    """The symmetric padding ``conv`` applies on each axis ('same' and 'valid' resolved)."""
-    return resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
-
-
-def pad_like_conv(x: Tensor, padding: tuple[int, int], padding_mode: str) -> Tensor:
-    """``x`` padded as a conv with ``padding_mode`` pads its input."""
-    if not any(padding):
-        return x
-    pads = (padding[1], padding[1], padding[0], padding[0])
-    return F.pad(x, pads) if padding_mode == "zeros" else F.pad(x, pads, mode=padding_mode)
+    return ConvBranch(pointwise, bn, geo.crop)
 
 
 class IdentityBranch(nn.Module):
@@ -101,46 +80,33 @@ class IdentityBranch(nn.Module):
         return self.bn(pad_like_conv(x, self.pad, self.padding_mode))
 
     def kernel(self, dtype: torch.dtype) -> Kernel:
-        """This branch's 1x1 kernel and bias with its norm folded in."""
+        """This branch's 1x1 weight and bias with its norm folded in."""
         return fold_bn(self.eye.to(dtype), None, self.bn)
 
     def extra_repr(self) -> str:
         return ", ".join([f"crop={self.crop}"] * any(self.crop) + [f"pad={self.pad}"] * any(self.pad))
 
 
-def fused_conv(block: ReparamBlock, weight: Tensor, bias: Tensor | None, ref: Tensor) -> nn.Conv2d:
-    """A plain ``nn.Conv2d`` with ``block``'s settings holding ``weight`` (and ``bias``), ``ref``'s device and dtype."""
-    conv = torch.nn.utils.skip_init(
-        nn.Conv2d, block.in_channels, block.out_channels, block.kernel_size, block.stride, block.padding,
-        block.dilation, block.groups, bias is not None, block.padding_mode, device=ref.device, dtype=ref.dtype,
-    )  # fmt: skip
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        if bias is not None:
-            conv.bias.copy_(bias)
-    conv.train(block.training)
-    return conv
+def new_bn(absorbed: nn.Module | None, channels: int, *, dims: int = 2, **factory) -> _BatchNorm:
+    """A fresh BatchNorm (``dims`` spatial dimensions) for a new branch: class, eps and momentum follow the absorbed
+    one, if any."""
+    plain = nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d
+    if not isinstance(absorbed, _BatchNorm):
+        return plain(channels, **factory)
+    cls = nn.SyncBatchNorm if isinstance(absorbed, nn.SyncBatchNorm) else plain
+    return cls(channels, eps=absorbed.eps, momentum=absorbed.momentum, **factory)
 
 
-def fast_conv(block: ReparamBlock, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Run ``block``'s single conv with ``weight`` on ``x``, padding as the original conv does."""
-    if block.padding_mode != "zeros":
-        x = pad_like_conv(x, block.explicit_padding, block.padding_mode)
-        return F.conv2d(x, weight, bias, block.stride, 0, block.dilation, block.groups)
-    return F.conv2d(x, weight, bias, block.stride, block.padding, block.dilation, block.groups)
+def set_affine(bn: nn.Module, gamma: float, beta: float | None = None) -> None:
+    """Fill an affine BatchNorm's gamma (and beta, if given); other modules are left alone."""
+    if isinstance(bn, _BatchNorm) and bn.affine:
+        with torch.no_grad():
+            bn.weight.fill_(gamma)
+            if beta is not None:
+                bn.bias.fill_(beta)
 
 
-def scaled(weight: Tensor, scale: Tensor) -> Tensor:
-    """``weight`` with each output channel multiplied by its entry of ``scale``."""
-    return weight * scale.reshape(-1, 1, 1, 1)
-
-
-def settings_repr(block: ReparamBlock) -> str:
-    """The conv settings of ``block`` as ``extra_repr`` text."""
-    return ", ".join(f"{name}={getattr(block, name)}" for name in _SETTINGS)
-
-
-def init_new_branches(branches: dict[str, nn.Module], absorbed: nn.Module | None, init: str, gamma: float) -> None:
+def init_new_branches(branches: nn.ModuleDict, absorbed: nn.Module | None, init: str, gamma: float) -> None:
     """Every branch but ``square`` starts at zero (``"preserve"``) or with gamma ``gamma`` (``"scratch"``, which
     also sets the absorbed BatchNorm's gamma)."""
     for name, branch in branches.items():
@@ -148,68 +114,3 @@ def init_new_branches(branches: dict[str, nn.Module], absorbed: nn.Module | None
             set_affine(branch.bn, 0.0 if init == "preserve" else gamma, 0.0)
     if init == "scratch" and absorbed is not None:
         set_affine(absorbed, gamma)
-
-
-class SummedBranches(ReparamBlock):
-    """A block whose ``branches`` (each with a ``kernel(dtype)``) run on the same input and are summed."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        branches = iter(self.branches.values())
-        out = next(branches)(x)
-        for branch in branches:
-            out = out + branch(x)
-        return out
-
-    def _kernel(self, dtype: torch.dtype) -> Kernel:
-        return sum_branches((branch.kernel(dtype) for branch in self.branches.values()), self.kernel_size)
-
-    def equivalent_kernel(self) -> Kernel:
-        """The kernel and bias of the single conv this block equals in eval mode (differentiable, its dtype)."""
-        return self._kernel(self.branches["square"].conv.weight.dtype)
-
-    def fused_kernel(self) -> Kernel:
-        """``equivalent_kernel`` in float64, detached."""
-        with torch.no_grad():
-            return self._kernel(torch.float64)
-
-    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d`` (with bias), or one holding the given ``weight`` and ``bias``."""
-        if weight is None or bias is None:
-            weight, bias = self.fused_kernel()
-        return fused_conv(self, weight, bias, self.branches["square"].conv.weight)
-
-    def extra_repr(self) -> str:
-        return settings_repr(self)
-
-
-class ComposedKernel(ReparamBlock):
-    """A fast block: one conv per forward with the original's settings, its kernel from ``composed_weight(dtype)``."""
-
-    def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_conv(self, x, self.composed_weight(), self.bias)
-
-    def _kernel(self, dtype: torch.dtype) -> Kernel:
-        bias = self.weight.new_zeros(self.out_channels, dtype=dtype) if self.bias is None else self.bias.to(dtype)
-        return self.composed_weight(dtype), bias
-
-    def equivalent_kernel(self) -> Kernel:
-        """The composed kernel and the conv's bias (zeros without one), differentiable, in the block's dtype."""
-        return self._kernel(self.weight.dtype)
-
-    def fused_kernel(self) -> Kernel:
-        """``equivalent_kernel`` in float64, detached."""
-        with torch.no_grad():
-            return self._kernel(torch.float64)
-
-    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d``, with a bias only if the original conv had one."""
-        if weight is None or bias is None:
-            weight, bias = self.fused_kernel()
-        return fused_conv(self, weight, None if self.bias is None else bias, self.weight)
-
-    def extra_repr(self) -> str:
-        return settings_repr(self) + f", bias={self.bias is not None}"

@@ -12,14 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .acb import ACBranch
 from ..kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, compose_1x1_kxk_weight, embed_centre, \
-    fold_bn, identity_kernel  # fmt: skip
-from .registry import DEFAULT_GAMMA, register_block
-from .branches import (
-    ComposedKernel, SummedBranches, check_conv, conv_padding, copy_settings, init_new_branches, new_bn,
-    pad_like_conv, plain_conv_problem, pointwise_branch, scaled,
-)  # fmt: skip
+    fold_bn, identity_kernel, scaled  # fmt: skip
+from .branches import ConvBranch, new_bn, plain_conv_problem, pointwise_branch
+from .forms import ComposedKernel, SummedBranches
+from .geometry import conv_padding, pad_like_conv
 
 
 def dbb_problem(conv: nn.Module) -> str:
@@ -105,7 +102,10 @@ class DBBlock(SummedBranches):
     """The Diverse Branch Block: KxK-BN + 1x1-BN + 1x1-BN-avgpool-BN + 1x1-BN-KxK-BN, outputs summed.
 
     A depthwise conv (groups == in == out) gets no 1x1 branch, an average pool straight on the input and
-    a 1x1-KxK branch twice as wide as its input.  Any padding and padding mode; no dilation.
+    a 1x1-KxK branch twice as wide as its input.  Any padding and padding mode; no dilation.  The 1x1 of the
+    1x1-KxK branch starts as the identity (each inner channel a copy of an input channel); ``init="preserve"``
+    starts each new branch's last BatchNorm with gamma = beta = 0, ``init="scratch"`` those gammas and the
+    absorbed BatchNorm's at ``gamma_init``.
     """
 
     kind = "dbb"
@@ -120,30 +120,13 @@ class DBBlock(SummedBranches):
     def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
         return describe_dbb(conv)
 
-    @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
-        layout: str = "lines",
-    ) -> DBBlock:
-        """Wrap ``conv`` and the BatchNorm after it (kept as they are) and add the three new branches.
-
-        The 1x1 of the 1x1-KxK branch starts as the identity (each inner channel a copy of an input channel).
-        ``init="preserve"``: each new branch's last BatchNorm starts with gamma = beta = 0 (eval output
-        unchanged); ``init="scratch"``: those gammas and the absorbed BatchNorm's start at ``gamma_init``.
-        """
-        check_conv(cls, conv, init)
-        block = cls()
-        copy_settings(block, conv)
-        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-        branches = {"square": ACBranch(conv, bn if bn is not None else nn.Identity(), (0, 0))}
+    def new_branches(self, conv: nn.Conv2d, bn: nn.Module | None, **factory) -> dict[str, nn.Module]:
+        branches = {"square": ConvBranch(conv, bn if bn is not None else nn.Identity())}
         if not is_depthwise(conv):
             branches["pointwise"] = pointwise_branch(conv, new_bn(bn, conv.out_channels, **factory), **factory)
         branches["avg"] = _avg_branch(conv, bn, **factory)
         branches["pointwise_kxk"] = _pointwise_kxk_branch(conv, bn, **factory)
-        block.branches = nn.ModuleDict(branches)
-        init_new_branches(branches, bn, init, gamma_init)
-        block.train(conv.training)
-        return block
+        return branches
 
 
 def border_image(value: Tensor, x: Tensor, padding: tuple[int, int]) -> Tensor:
@@ -193,39 +176,20 @@ class FastDBBlock(ComposedKernel):
     def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
         return describe_dbb(conv) + " (composed)"
 
-    @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
-        layout: str = "lines",
-    ) -> FastDBBlock:
-        """Wrap ``conv`` (its weight and bias Parameters kept); new scales start at 0 (preserve) or ``gamma_init``.
-
-        New kernels start as in exact mode: PyTorch's default, the 1x1 before the inner KxK as the identity.
-        """
-        check_conv(cls, conv, init)
-        block = cls()
-        copy_settings(block, conv)
-        block.explicit_padding = conv_padding(conv)
-        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-        block.weight = conv.weight
-        block.register_parameter("bias", conv.bias)
+    def new_kernels(self, conv: nn.Conv2d, **factory) -> None:
+        """New kernels start as in exact mode: PyTorch's default, the 1x1 before the inner KxK as the identity."""
         pointwise = not is_depthwise(conv)
         for name in ("weight_1x1", "weight_avg"):
-            block.register_parameter(name, _pointwise_weight(conv, **factory) if pointwise else None)
+            self.register_parameter(name, _pointwise_weight(conv, **factory) if pointwise else None)
         width = inner_width(conv)
-        block.weight_inner = nn.Parameter(identity_kernel(width, conv.in_channels, conv.groups, **factory))
-        block.weight_outer = nn.Conv2d(width, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=False,
-                                       **factory).weight  # fmt: skip
-        scale_new = 0.0 if init == "preserve" else gamma_init
-        block.scale_square = nn.Parameter(torch.ones(conv.out_channels, **factory))
-        for name in ("scale_1x1", "scale_avg", "scale_kxk"):
-            scale = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
-            block.register_parameter(name, scale if pointwise or name != "scale_1x1" else None)
-        block.train(conv.training)
-        return block
+        self.weight_inner = nn.Parameter(identity_kernel(width, conv.in_channels, conv.groups, **factory))
+        self.weight_outer = nn.Conv2d(width, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=False,
+                                      **factory).weight  # fmt: skip
+        for name in ("scale_square", "scale_1x1", "scale_avg", "scale_kxk"):
+            scale = nn.Parameter(torch.ones(conv.out_channels, **factory))
+            self.register_parameter(name, scale if pointwise or name != "scale_1x1" else None)
 
     def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
         tensors = (self.weight, self.weight_1x1, self.weight_avg, self.weight_inner, self.weight_outer,
                    self.scale_square, self.scale_1x1, self.scale_avg, self.scale_kxk)  # fmt: skip
         return compose_dbb(self.groups, *(t if dtype is None or t is None else t.to(dtype) for t in tensors))
@@ -255,6 +219,3 @@ def compose_dbb(
         kernel = kernel + embed_centre(scaled(weight_1x1, scale_1x1), weight.shape[2:])
     return kernel
 
-
-register_block("dbb", DBBlock)
-register_block("dbb", FastDBBlock)

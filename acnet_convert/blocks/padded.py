@@ -7,7 +7,7 @@ import copy
 from torch import Tensor, nn
 
 from ..kernels import Kernel
-from .registry import ReparamBlock
+from .base import CONV_SETTINGS, ReparamBlock
 
 
 class PaddedBlock(ReparamBlock):
@@ -18,10 +18,9 @@ class PaddedBlock(ReparamBlock):
         super().__init__()
         self.pad = pad
         self.block = block
-        self.kind, self.mode, self.layout = block.kind, block.mode, block.layout
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        self.kind, self.mode, self.layout, self.conv_type = block.kind, block.mode, block.layout, block.conv_type
+        for name in CONV_SETTINGS:
             setattr(self, name, getattr(block, name))
-        self.padding_mode = getattr(block, "padding_mode", "zeros")
         self.__dict__["_skeleton"] = copy.deepcopy(original).to("meta")  # class and settings, no weights
 
     @classmethod

@@ -1,91 +1,51 @@
-"""Block kinds: the protocol every re-parameterisable block implements, and the one map from kind to class.
+"""The one map from block kind and mode to class.
 
 A block kind is a name (``"acb"``, ``"dbb"``, ``"repvgg"``, ...) with one class per mode: ``"exact"`` (the
 paper's block, a BatchNorm on every branch) and, where its branches are linear, ``"fast"`` (one conv per
-forward, the BatchNorm after the conv left in place).  Everything else in the package reaches block classes
+forward, the BatchNorm after the conv left in place).  The built-in kinds are listed once, in
+``constants.BUILTIN_KINDS``, and imported on first use; everything else in the package reaches block classes
 through ``block_class`` and ``is_block``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import nn
 
+from ..constants import BUILTIN_KINDS, MODES
 from ..errors import ACNetError
+from .base import ReparamBlock
 
-MODES = ("exact", "fast")
-INITS = ("preserve", "scratch")
-DEFAULT_KIND = "acb"
-DEFAULT_GAMMA = 1 / 3  # the new branches' initial gamma with init="scratch" (chosen by docs/accuracy.md)
-_BUILTIN_MODULES = ("acb", "acb_fast", "repvgg", "qarepvgg", "dbb")
 _CLASSES: dict[tuple[str, str], type[ReparamBlock]] = {}
 _loaded = False
 
 
-class ReparamBlock(nn.Module):
-    """The training form of one conv: branches that fold back into a single conv of the original's class.
+def register_block(
+    kind: str | type[ReparamBlock] | None = None, cls: type[ReparamBlock] | None = None, *, mode: str | None = None
+) -> None:
+    """Make a block class the block of its kind in its mode: ``register_block(cls)`` reads ``cls.kind`` and
+    ``cls.mode``.
 
-    A subclass sets ``kind``, ``mode`` and ``absorbs_bn`` and implements the methods below; ``register_block``
-    makes it available to ``acify(model, block=kind, mode=mode)``, ``deploy``, ``load`` and the command line.
+    The 0.2 form ``register_block(kind, cls, mode=None)`` still works.  A kind (or mode) the class sets itself must
+    agree with the one given; one it only inherits, or lacks, is set on the class, so that its blocks name the kind
+    and mode they are registered under.  A class registered for a kind and mode already taken (a built-in one
+    included) replaces the class registered before.
     """
-
-    kind: ClassVar[str]
-    mode: ClassVar[str] = "exact"
-    absorbs_bn: ClassVar[bool] = True  # takes the BatchNorm that follows the conv into the block
-    layout: str = "lines"  # the branch arrangement it was built with (ACB's 3D option), recorded in checkpoints
-
-    @classmethod
-    def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
-        """Why this kind cannot be built around ``conv``, or '' when it can."""
-        raise NotImplementedError
-
-    @classmethod
-    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
-        """The branches the block would have around ``conv``, as one short line (e.g. ``3x3 + 1x3 + 3x1``)."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Module,
-        bn: nn.Module | None = None,
-        *,
-        init: str = "preserve",
-        gamma_init: float = DEFAULT_GAMMA,
-        layout: str = "lines",
-    ) -> ReparamBlock:
-        """Wrap ``conv`` (and, when ``absorbs_bn``, the BatchNorm after it), keeping their weights.
-
-        ``init="preserve"``: the block computes what ``bn(conv(x))`` did (new branches start at zero);
-        ``init="scratch"``: every branch's scale (BN gamma) starts at ``gamma_init``.
-        """
-        raise NotImplementedError
-
-    def equivalent_kernel(self) -> tuple[Tensor, Tensor]:
-        """The kernel and bias of the single conv this block equals in eval mode, differentiable, in its dtype."""
-        raise NotImplementedError
-
-    def fused_kernel(self) -> tuple[Tensor, Tensor]:
-        """``equivalent_kernel`` computed in float64, detached: what ``deploy`` writes into the fused conv."""
-        raise NotImplementedError
-
-    def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Module:
-        """The equivalent plain conv (the original conv's class), with ``fused_kernel()`` or the given kernel."""
-        raise NotImplementedError
-
-
-
-def register_block(kind: str, cls: type[ReparamBlock], *, mode: str | None = None) -> None:
-    """Make ``cls`` the block of ``kind`` in its mode (``cls.mode`` unless ``mode`` is given)."""
+    if isinstance(kind, type) and cls is None:
+        kind, cls = None, kind
     if not (isinstance(cls, type) and issubclass(cls, ReparamBlock)):
-        raise ACNetError(f"register_block({kind!r}, ...) needs a subclass of acnet_convert.ReparamBlock")
-    mode = mode or cls.mode
+        called = f"{kind!r}, ..." if kind is not None else getattr(cls, "__name__", repr(cls))
+        raise ACNetError(f"register_block({called}) needs a subclass of acnet_convert.ReparamBlock")
+    kind, mode = _agreed(cls, "kind", kind), _agreed(cls, "mode", mode)
+    if kind is None:
+        raise ACNetError(f"register_block({cls.__name__}) needs {cls.__name__}.kind: set it on the class")
     if mode not in MODES:
         raise ACNetError(f"unknown mode {mode!r} for block kind {kind!r}: use one of {', '.join(MODES)}")
-    if not kind or not kind.replace("_", "").isalnum():
+    if not isinstance(kind, str) or not kind.replace("_", "").isalnum():
         raise ACNetError(f"block kind {kind!r} is not a simple name: use letters, digits and underscores")
+    cls.kind, cls.mode = kind, mode
+    _load_builtins()
     _CLASSES[(kind, mode)] = cls
 
 
@@ -104,7 +64,8 @@ def block_class(kind: str, mode: str = "exact") -> type[ReparamBlock]:
 
 
 def kinds() -> tuple[str, ...]:
-    """The registered block kinds, in registration order."""
+    """The registered block kinds: the built-in ones in ``constants.BUILTIN_KINDS`` order, then the others in
+    registration order."""
     _load_builtins()
     return tuple(dict.fromkeys(kind for kind, _ in _CLASSES))
 
@@ -119,10 +80,32 @@ def has_blocks(model: nn.Module) -> bool:
     return any(is_block(m) for m in model.modules())
 
 
+def _agreed(cls: type[ReparamBlock], name: str, given: str | None) -> str | None:
+    """``given`` if the class's own ``name`` attribute is unset or the same, else ``ACNetError``; the class's
+    (own or inherited) attribute when nothing is given."""
+    own = cls.__dict__.get(name)
+    if given is None:
+        return getattr(cls, name, None)
+    if own is not None and own != given:
+        raise ACNetError(
+            f"register_block got {name} {given!r} for {cls.__name__}, whose {name} is {own!r}: "
+            f"call register_block({cls.__name__}), or set {cls.__name__}.{name} = {given!r}"
+        )
+    return given
+
+
 def _load_builtins() -> None:
-    """Import the built-in block modules, each of which registers its classes."""
+    """Register the classes of ``constants.BUILTIN_KINDS`` ("module:Class" under this package), importing their
+    modules."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        for name in _BUILTIN_MODULES:
-            importlib.import_module(f"{__package__}.{name}")
+    if _loaded:
+        return
+    _loaded = True
+    for kind, classes in BUILTIN_KINDS.items():
+        for mode, where in classes.items():
+            module, name = where.split(":")
+            cls = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+            if (cls.kind, cls.mode) != (kind, mode):
+                raise ACNetError(f"constants.BUILTIN_KINDS lists {where} as {kind}/{mode}, the class says "
+                                 f"{cls.kind}/{cls.mode}: make them agree")  # fmt: skip
+            _CLASSES[(kind, mode)] = cls

@@ -5,13 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .acb import ACBranch
-from .branches import (
-    ComposedKernel, IdentityBranch, SummedBranches, check_conv, conv_padding, copy_settings, has_identity,
-    init_new_branches, new_bn, plain_conv_problem, pointwise_branch, scaled,
-)  # fmt: skip
-from ..kernels import embed_centre, identity_kernel
-from .registry import DEFAULT_GAMMA, register_block
+from ..kernels import embed_centre, identity_kernel, scaled
+from .branches import ConvBranch, IdentityBranch, has_identity, new_bn, plain_conv_problem, pointwise_branch
+from .forms import ComposedKernel, SummedBranches
 
 
 class RepVGGBlock(SummedBranches):
@@ -34,30 +30,14 @@ class RepVGGBlock(SummedBranches):
         kh, kw = conv.kernel_size
         return f"{kh}x{kw} + 1x1" + (" + identity" if has_identity(conv) else "")
 
-    @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
-        layout: str = "lines",
-    ) -> RepVGGBlock:
-        """Wrap ``conv`` and the BatchNorm after it (kept as they are) and add the 1x1 and identity branches.
-
-        ``init="preserve"``: the new branches' BatchNorms start with gamma = beta = 0 (eval output unchanged);
-        ``init="scratch"``: every branch's gamma, the absorbed BatchNorm's included, starts at ``gamma_init``.
-        """
-        check_conv(cls, conv, init)
-        block = cls()
-        copy_settings(block, conv)
-        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+    def new_branches(self, conv: nn.Conv2d, bn: nn.Module | None, **factory) -> dict[str, nn.Module]:
         branches = {
-            "square": ACBranch(conv, bn if bn is not None else nn.Identity(), (0, 0)),
+            "square": ConvBranch(conv, bn if bn is not None else nn.Identity()),
             "pointwise": pointwise_branch(conv, new_bn(bn, conv.out_channels, **factory), **factory),
         }
         if has_identity(conv):
             branches["identity"] = IdentityBranch(conv, new_bn(bn, conv.out_channels, **factory))
-        block.branches = nn.ModuleDict(branches)
-        init_new_branches(branches, bn, init, gamma_init)
-        block.train(conv.training)
-        return block
+        return branches
 
 
 class FastRepVGGBlock(ComposedKernel):
@@ -80,34 +60,18 @@ class FastRepVGGBlock(ComposedKernel):
     def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
         return RepVGGBlock.describe(conv, layout) + " (composed)"
 
-    @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, bn: None = None, *, init: str = "preserve", gamma_init: float = DEFAULT_GAMMA,
-        layout: str = "lines",
-    ) -> FastRepVGGBlock:
-        """Wrap ``conv`` (its weight and bias Parameters kept); new scales start at 0 (preserve) or ``gamma_init``."""
-        check_conv(cls, conv, init)
-        block = cls()
-        copy_settings(block, conv)
-        block.explicit_padding = conv_padding(conv)
-        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-        block.weight = conv.weight
-        block.register_parameter("bias", conv.bias)
+    def new_kernels(self, conv: nn.Conv2d, **factory) -> None:
         template = nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups, bias=False, **factory)
-        block.weight_1x1 = template.weight
-        scale_new = 0.0 if init == "preserve" else gamma_init
-        block.scale_square = nn.Parameter(torch.ones(conv.out_channels, **factory))
-        block.scale_1x1 = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory))
+        self.weight_1x1 = template.weight
+        self.scale_square = nn.Parameter(torch.ones(conv.out_channels, **factory))
+        self.scale_1x1 = nn.Parameter(torch.ones(conv.out_channels, **factory))
         identity = has_identity(conv)
-        scale_identity = nn.Parameter(torch.full((conv.out_channels,), scale_new, **factory)) if identity else None
-        block.register_parameter("scale_identity", scale_identity)
+        self.register_parameter("scale_identity", nn.Parameter(torch.ones(conv.out_channels, **factory)) if identity
+                                else None)  # fmt: skip
         eye = identity_kernel(conv.out_channels, conv.in_channels, conv.groups, **factory) if identity else None
-        block.register_buffer("eye", eye, persistent=False)
-        block.train(conv.training)
-        return block
+        self.register_buffer("eye", eye, persistent=False)
 
     def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The KxK kernel this block runs (differentiable in every weight and scale), in ``dtype`` or the weight's."""
         tensors = (self.weight, self.weight_1x1, self.eye, self.scale_square, self.scale_1x1, self.scale_identity)
         return compose_repvgg(*(t if dtype is None or t is None else t.to(dtype) for t in tensors))
 
@@ -126,6 +90,3 @@ def compose_repvgg(
         centre = centre + scaled(eye, scale_identity)
     return scaled(weight, scale_square) + embed_centre(centre, weight.shape[2:])
 
-
-register_block("repvgg", RepVGGBlock)
-register_block("repvgg", FastRepVGGBlock)

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..errors import ACNetError
-from .verify import _tensors
+from ..errors import ACNetError, first_line
+from .outputs import float_tensors
 
 ENGINES = ("x86", "fbgemm")  # CPU engines whose default qconfig mapping quantises weights per channel
 PATH = "torch.ao.quantization.quantize_fx (prepare_fx/convert_fx), default static qconfig mapping, per-channel weights"
@@ -42,19 +42,19 @@ class PTQResult:
 
 def static_int8_ptq(model: nn.Module, inputs: tuple[Tensor, ...]) -> PTQResult:
     """Quantise a CPU copy of ``model`` (static INT8, calibrated on ``inputs``) and compare it with the float copy."""
-    engine = _engine_name()
+    engine = engine_name()
     float_model = copy.deepcopy(model).cpu().eval()
     cpu_inputs = tuple(x.cpu() for x in inputs)
-    with warnings.catch_warnings(record=True) as caught, _engine(engine), torch.no_grad():
+    with warnings.catch_warnings(record=True) as caught, quantized_engine(engine), torch.no_grad():
         warnings.simplefilter("always")
         want = float_model(*cpu_inputs)
-        quantized = _quantize(copy.deepcopy(float_model), cpu_inputs, engine)
+        quantized = quantize_int8(copy.deepcopy(float_model), cpu_inputs, engine)
         got = _run(quantized, cpu_inputs, engine)
-    notes = list(dict.fromkeys(" ".join(_first_line(w.message).split()) for w in caught))
+    notes = list(dict.fromkeys(" ".join(first_line(w.message, with_type=False).split()) for w in caught))
     return _compare(want, got, engine, notes)
 
 
-def _engine_name() -> str:
+def engine_name() -> str:
     """The first of ``ENGINES`` this torch build supports; ``ACNetError`` when it has none."""
     supported = list(torch.backends.quantized.supported_engines)
     for engine in ENGINES:
@@ -67,7 +67,7 @@ def _engine_name() -> str:
 
 
 @contextmanager
-def _engine(engine: str) -> Iterator[None]:
+def quantized_engine(engine: str) -> Iterator[None]:
     """Select ``engine`` for quantized ops while inside, then restore the previous one."""
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
@@ -77,8 +77,9 @@ def _engine(engine: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
-def _quantize(model: nn.Module, inputs: tuple[Tensor, ...], engine: str) -> nn.Module:
-    """Trace, calibrate and convert ``model`` with the engine's default static qconfig mapping."""
+def quantize_int8(model: nn.Module, inputs: tuple[Tensor, ...], engine: str) -> nn.Module:
+    """``model`` statically quantised to INT8: traced, calibrated on ``inputs`` and converted with the default
+    static qconfig mapping of ``engine`` (run the result inside ``quantized_engine(engine)``)."""
     try:
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -88,8 +89,8 @@ def _quantize(model: nn.Module, inputs: tuple[Tensor, ...], engine: str) -> nn.M
         prepared = prepare_fx(model, get_default_qconfig_mapping(engine), inputs)
     except Exception as exc:  # torch.fx raises many types for code it cannot trace
         raise ACNetError(
-            f"ptq: torch.fx cannot trace {type(model).__name__} ({_first_line(exc)}): make its forward traceable "
-            f"(no Python control flow on tensor values), or {SKIP_HINT}"
+            f"ptq: torch.fx cannot trace {type(model).__name__} ({first_line(exc, with_type=False)}): make its "
+            f"forward traceable (no Python control flow on tensor values), or {SKIP_HINT}"
         ) from exc
     _run(prepared, inputs, engine)
     return convert_fx(prepared)
@@ -101,14 +102,14 @@ def _run(model: nn.Module, inputs: tuple[Tensor, ...], engine: str):
         return model(*inputs)
     except (RuntimeError, NotImplementedError) as exc:
         raise ACNetError(
-            f"ptq: the INT8 model does not run on the {engine} engine ({_first_line(exc)}): "
+            f"ptq: the INT8 model does not run on the {engine} engine ({first_line(exc, with_type=False)}): "
             f"quantise the layers the engine supports by hand, or {SKIP_HINT}"
         ) from exc
 
 
 def _compare(want, got, engine: str, notes: list[str]) -> PTQResult:
     """Output error and top-1 agreement of the quantised outputs ``got`` against the float outputs ``want``."""
-    pairs = [(a.double(), b.double()) for a, b in zip(_tensors(want), _tensors(got)) if a.numel()]
+    pairs = [(a.double(), b.double()) for a, b in zip(float_tensors(want), float_tensors(got)) if a.numel()]
     if not pairs:
         raise ACNetError(f"ptq: the model returns no floating-point tensor to compare: return one, or {SKIP_HINT}")
     max_abs = max((a - b).abs().max().item() for a, b in pairs)
@@ -116,9 +117,3 @@ def _compare(want, got, engine: str, notes: list[str]) -> PTQResult:
     same = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in pairs)
     positions = sum(a.argmax(-1).numel() for a, _ in pairs)
     return PTQResult(PATH, engine, max_abs, max_abs / max(max_ref, 1e-12), same / positions, notes)
-
-
-def _first_line(exc: BaseException | Warning) -> str:
-    """The first line of an exception's or warning's message, or its type when the message is empty."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,9 +1,6 @@
 """Per-layer quantisation readiness of a deployed model: weight outliers, SQNR at each bit width, optional INT8 PTQ.
 
-Weights are quantised here with symmetric max-abs scaling, the scheme of most INT8 back ends: for ``b`` bits,
-``Q = 2**(b-1) - 1``, ``s = max|w| / Q`` (over the whole tensor, or over each output channel) and
-``q(w) = clamp(round(w / s), -Q, Q) * s``; ``SQNR = 10 log10(sum w^2 / sum (w - q(w))^2)`` in dB, capped at
-``SQNR_CAP_DB`` (an exact representation, e.g. an all-zero weight), so every figure is a finite float.
+Weights are measured as ``checks.weights`` describes (symmetric max-abs scales, SQNR capped at ``SQNR_CAP_DB``).
 The weight measured is the one a quantiser sees: a BatchNorm that alone consumes a layer's output is folded in
 first, as PyTorch's FX quantisation and ONNX exporters do.
 """
@@ -11,21 +8,20 @@ first, as PyTorch's FX quantisation and ONNX exporters do.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import ACNetError
-from .ptq import PTQResult, _first_line, static_int8_ptq
-from .verify import _eval
+from ..blocks import is_block
+from ..errors import ACNetError, first_line, warn
+from ..modules import modes_kept
+from .outputs import layer_outputs
+from .ptq import PTQResult, static_int8_ptq
+from .weights import SQNR_CAP_DB, WeightFigures, weight_figures
 
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
-SQNR_CAP_DB = 200.0
 DB_PER_BIT = 20 * math.log10(2)  # one bit more halves the step: 6.02 dB more SQNR
 DEFAULT_THRESHOLD_DB = 30.0  # at 8 bits: rounding noise above 0.1% of the weight energy, max|w| beyond ~14 std
 DEFAULT_MARGIN_DB = 3.0  # half a bit: the rounding noise energy doubled relative to the reference layer
@@ -37,22 +33,6 @@ KEEP_ADVICE = (
     "keep this layer in higher precision (float16 or 16-bit weights), or retrain with acify(..., mode=\"fast\") "
     "or block=\"qarepvgg\" and check again"
 )
-
-
-@dataclass
-class WeightFigures:
-    """What one layer looks like to a quantiser: its weight's outliers and SQNR, and its output range."""
-
-    max_over_std: float | None  # max|w| / std(w) over the whole weight; None for a constant weight
-    channel_spread: float | None  # max over median of the per-output-channel max|w|; None when that median is 0
-    centre_cross_energy: float | None  # share of sum w^2 on the lines through the kernel's centre tap
-    centre_tap_energy: float | None  # share of sum w^2 on the centre tap
-    sqnr_db: dict[str, dict[str, float]]  # "int8" -> {"per_tensor": dB, "per_channel": dB}
-    activation: dict[str, float] | None = None  # {"min", "max"} of the layer's output over the inputs
-
-    def to_dict(self) -> dict:
-        """A JSON-ready copy of every figure."""
-        return asdict(self)
 
 
 @dataclass
@@ -177,10 +157,11 @@ def quant_report(
     """Measure how well every conv and linear layer of a deployed ``model`` survives quantisation.
 
     Weight figures for each layer, the BatchNorm that follows it folded in (and the same for ``reference``'s
-    layer of the same name, e.g. the unconverted model); a layer is flagged when its per-tensor SQNR at ``bits[0]`` is below ``threshold_db`` (default 30 dB at
-    8 bits, 6.02 dB less per bit fewer) or more than ``margin_db`` below the reference's.  With ``inputs``
-    the output range of each layer is recorded and, unless ``ptq=False``, a CPU copy is statically quantised
-    to INT8 (calibrated on ``inputs``) and compared with the float model.
+    layer of the same name, e.g. the unconverted model); a layer is flagged when its per-tensor SQNR at
+    ``bits[0]`` is below ``threshold_db`` (default 30 dB at 8 bits, 6.02 dB less per bit fewer) or more than
+    ``margin_db`` below the reference's.  With ``inputs`` the output range of each layer is recorded and, unless
+    ``ptq=False``, a CPU copy is statically quantised to INT8 (calibrated on ``inputs``) and compared with the
+    float model.
     """
     bits = _check_bits(bits)
     threshold = DEFAULT_THRESHOLD_DB - DB_PER_BIT * (8 - bits[0]) if threshold_db is None else float(threshold_db)
@@ -202,67 +183,12 @@ def quant_report(
         if name in ref_layers:
             ref = weight_figures(ref_layers[name], bits, ref_ranges.get(name), _folded(reference, ref_bns, name))
         flagged, reason, advice = _judge(figures, ref, report.key, threshold, report.margin_db)
-        shape, kind = list(module.weight.shape), type(module).__name__
-        report.layers.append(LayerReport(name, kind, shape, bns.get(name), figures, ref, flagged, reason, advice))
+        shape, layer_type = list(module.weight.shape), type(module).__name__
+        report.layers.append(LayerReport(name, layer_type, shape, bns.get(name), figures, ref, flagged, reason, advice))
     if inputs and ptq:
         report.ptq = static_int8_ptq(model, inputs)
         report.reference_ptq = static_int8_ptq(reference, inputs) if reference is not None else None
     return report
-
-
-def weight_figures(
-    module: nn.Module, bits: tuple[int, ...], activation: dict | None = None, bn: nn.Module | None = None
-) -> WeightFigures:
-    """The outlier, centre-energy and SQNR figures of one conv or linear layer's weight, ``bn`` folded in."""
-    w = module.weight.detach().to("cpu", torch.float64)
-    rows = _output_channels(module, w)
-    if bn is not None:
-        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-        rows = rows * (gamma.double().cpu() / (bn.running_var.double().cpu() + bn.eps).sqrt())[:, None]
-    peak, std = rows.abs().max().item(), rows.std(correction=0).item()
-    channel_peaks = rows.abs().amax(1)
-    median = channel_peaks.median().item()
-    cross, tap = _centre_energy(rows.reshape(rows.shape[0], -1, *w.shape[2:]))
-    sqnr = {
-        f"int{b}": {"per_tensor": sqnr_db(rows, peak, b), "per_channel": sqnr_db(rows, channel_peaks[:, None], b)}
-        for b in bits
-    }
-    return WeightFigures(
-        peak / std if std > 0 else None, channel_peaks.max().item() / median if median > 0 else None, cross, tap,
-        sqnr, activation,
-    )  # fmt: skip
-
-
-def sqnr_db(w: Tensor, peak: Tensor | float, bits: int) -> float:
-    """SQNR in dB of ``w`` quantised to ``bits`` with symmetric max-abs scales ``peak / (2**(bits-1) - 1)``."""
-    levels = 2 ** (bits - 1) - 1
-    peak = torch.as_tensor(peak, dtype=w.dtype)
-    scale = torch.where(peak > 0, peak / levels, torch.ones_like(peak))  # an all-zero row is exact at any scale
-    error = w - (w / scale).round().clamp(-levels, levels) * scale
-    signal, noise = w.square().sum().item(), error.square().sum().item()
-    if noise == 0:
-        return SQNR_CAP_DB
-    return min(SQNR_CAP_DB, 10 * math.log10(signal / noise)) if signal > 0 else SQNR_CAP_DB
-
-
-def _output_channels(module: nn.Module, w: Tensor) -> Tensor:
-    """The weight as one row per output channel (a transposed conv stores them in dim 1, per group)."""
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        groups = module.groups
-        w = w.reshape(groups, w.shape[0] // groups, *w.shape[1:]).transpose(1, 2).flatten(0, 1)
-    return w.flatten(1)
-
-
-def _centre_energy(w: Tensor) -> tuple[float | None, float | None]:
-    """Shares of ``sum w^2`` on the centre lines and on the centre tap; None unless every side is odd and >= 3."""
-    sides = w.shape[2:]
-    energy = w.square().sum((0, 1)) if sides else None
-    if not sides or any(side < 3 or side % 2 == 0 for side in sides) or energy.sum() == 0:
-        return None, None
-    grids = torch.meshgrid(*(torch.arange(side) != side // 2 for side in sides), indexing="ij")
-    off_centre = torch.stack(grids).sum(0)  # how many coordinates differ from the centre
-    total = energy.sum().item()
-    return energy[off_centre <= 1].sum().item() / total, energy[off_centre == 0].sum().item() / total
 
 
 def _judge(fig: WeightFigures, ref: WeightFigures | None, key: str, threshold: float, margin: float):
@@ -281,7 +207,7 @@ def _layers(model: nn.Module, what: str) -> dict[str, nn.Module]:
     """The conv and linear layers of a plain model by qualified name; ``ACNetError`` for an unfused one."""
     if not isinstance(model, nn.Module):
         raise ACNetError(f"quant_report needs an nn.Module as {what}, got {type(model).__name__}")
-    blocks = [name for name, m in model.named_modules() if callable(getattr(m, "fused_kernel", None))]
+    blocks = [name for name, m in model.named_modules() if is_block(m)]
     if blocks:
         raise ACNetError(
             f"{what} still has {len(blocks)} training block(s) (first: {blocks[0] or '<root>'}): "
@@ -300,10 +226,10 @@ def _batchnorms(model: nn.Module) -> dict[str, str]:
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as exc:  # torch.fx raises many types for code it cannot trace
-        warnings.warn(
-            f"torch.fx cannot trace {type(model).__name__} ({_first_line(exc)}): quant_report measures its conv "
-            "weights without folding in the BatchNorms after them; measure a traceable model for the folded figures",
-            stacklevel=3,
+        warn(
+            f"torch.fx cannot trace {type(model).__name__} ({first_line(exc, with_type=False)}): quant_report "
+            "measures its conv weights without folding in the BatchNorms after them; measure a traceable model for "
+            "the folded figures"
         )
         return {}
     modules = dict(model.named_modules())
@@ -346,27 +272,16 @@ def _inputs(inputs) -> tuple[Tensor, ...]:
 def _activation_ranges(model: nn.Module, layers: dict[str, nn.Module], inputs: tuple) -> dict[str, dict[str, float]]:
     """The min and max of every layer's output while ``model`` runs once on ``inputs`` in eval mode."""
     ranges: dict[str, dict[str, float]] = {}
-    with _hooks(layers, ranges), _eval(model), torch.no_grad():
-        model(*inputs)
-    return ranges
 
-
-@contextmanager
-def _hooks(layers: dict[str, nn.Module], ranges: dict[str, dict[str, float]]) -> Iterator[None]:
-    """Forward hooks that widen ``ranges[name]`` to each output of the layer ``name``."""
-
-    def record(name: str, out) -> None:
+    def widen(name: str, out: object) -> None:
         if isinstance(out, Tensor) and out.is_floating_point() and out.numel():
             low, high = out.min().item(), out.max().item()
             seen = ranges.setdefault(name, {"min": low, "max": high})
             seen["min"], seen["max"] = min(seen["min"], low), max(seen["max"], high)
 
-    handles = [m.register_forward_hook(lambda _m, _i, out, name=name: record(name, out)) for name, m in layers.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with layer_outputs(layers, widen), modes_kept(model, training=False), torch.no_grad():
+        model(*inputs)
+    return ranges
 
 
 def _pair(value: float | None, ref: float | None, spec: str) -> str:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ACNetError, VerificationError
 from ..blocks import is_block
+from ..errors import ACNetError, VerificationError
+from ..modules import modes_kept
+from .outputs import float_tensors, layer_outputs
 
 
 @dataclass
@@ -47,10 +48,10 @@ def verify(
     ref_layers: dict[str, list[Tensor]] = {}
     cand_layers: dict[str, list[Tensor]] = {}
     names = [n for n, m in reference.named_modules() if is_block(m)] if layers else []
-    with _eval(reference), _eval(candidate), torch.no_grad():
-        with _record(reference, names, ref_layers):
+    with modes_kept(reference, training=False), modes_kept(candidate, training=False), torch.no_grad():
+        with _recorded(reference, names, ref_layers):
             want = reference(*inputs)
-        with _record(candidate, names, cand_layers):
+        with _recorded(candidate, names, cand_layers):
             got = candidate(*inputs)
     overall = _compare(want, got)
     result = VerifyResult(overall.max_abs, overall.max_ref)
@@ -66,7 +67,7 @@ def verify(
 
 
 def _compare(want, got) -> Comparison:
-    a, b = _tensors(want), _tensors(got)
+    a, b = float_tensors(want), float_tensors(got)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         raise VerificationError("the two models return outputs of different structure or shape")
     if not a:
@@ -76,38 +77,8 @@ def _compare(want, got) -> Comparison:
     return Comparison(max_abs, max_ref)
 
 
-def _tensors(out) -> list[Tensor]:
-    """Floating-point tensors of a (nested) output, in a stable order."""
-    if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, dict):
-        return [t for key in sorted(out, key=str) for t in _tensors(out[key])]
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors(item)]
-    return []
-
-
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-@contextmanager
-def _record(model: nn.Module, names: list[str], store: dict[str, list[Tensor]]) -> Iterator[None]:
+def _recorded(model: nn.Module, names: list[str], store: dict[str, list[Tensor]]) -> AbstractContextManager[None]:
+    """Append the outputs of ``model``'s modules called ``names`` to ``store[name]`` while inside."""
     modules = dict(model.named_modules())
-    handles = [
-        modules[n].register_forward_hook(lambda _m, _i, out, n=n: store.setdefault(n, []).append(out))
-        for n in names
-        if n in modules
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    layers = {name: modules[name] for name in names if name in modules}
+    return layer_outputs(layers, lambda name, out: store.setdefault(name, []).append(out))

@@ -1,5 +1,5 @@
 """The ``acnet`` command line."""
 
-from .main import app
+from .app import app
 
 __all__ = ["app"]

@@ -1,5 +1,5 @@
 """``python -m acnet_convert.cli``: the acnet command."""
 
-from .main import app
+from .app import app
 
 app(prog_name="acnet")

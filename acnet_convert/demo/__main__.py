@@ -2,6 +2,6 @@
 
 import sys
 
-from ..cli.main import app
+from ..cli import app
 
 app(["demo", *sys.argv[1:]], prog_name="python -m acnet_convert.demo")

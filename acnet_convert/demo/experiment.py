@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..api import plan
+from ..checks.ptq import engine_name, quantize_int8, quantized_engine
+from ..checks.weights import quantize_symmetric
 from ..errors import ACNetError
-from ..checks.ptq import _engine, _engine_name, _quantize
-from ..modules import replace_module
+from ..modules import modes_kept, replace_module
 
 
 @dataclass
@@ -116,13 +117,9 @@ def flip_and_crop(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
-    """Class predictions of ``model`` in eval mode (its mode is restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    try:
+    """Class predictions of ``model`` in eval mode (every submodule's mode is restored afterwards)."""
+    with modes_kept(model, training=False):
         return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -221,25 +218,23 @@ def quantize_weights(model: nn.Module, bits: int, per_channel: bool) -> nn.Modul
     activations stay in float (weight-only fake quantisation).
     """
     model = copy.deepcopy(model)
-    levels = 2 ** (bits - 1) - 1
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 w = module.weight
                 peak = w.abs().amax(tuple(range(1, w.dim())), keepdim=True) if per_channel else w.abs().max()
-                scale = torch.where(peak > 0, peak / levels, torch.ones_like(peak))
-                w.copy_((w / scale).round().clamp(-levels, levels) * scale)
+                w.copy_(quantize_symmetric(w, peak, bits))
     return model
 
 
 def int8_ptq_accuracy(model: nn.Module, calibration: Tensor, x: Tensor, y: Tensor) -> float:
     """Top-1 accuracy (percent) on ``(x, y)`` of a static INT8 copy of ``model`` calibrated on ``calibration``.
 
-    The copy is made on the CPU by the flow of ``acnet_convert.ptq`` (torch.ao FX, the engine's default qconfig
-    mapping: per-channel INT8 weights, INT8 activations); its upstream warnings are not shown.
+    The copy is made on the CPU by the flow of ``acnet_convert.checks.ptq`` (torch.ao FX, the engine's default
+    qconfig mapping: per-channel INT8 weights, INT8 activations); its upstream warnings are not shown.
     """
-    engine = _engine_name()
-    with warnings.catch_warnings(), _engine(engine), torch.no_grad():
+    engine = engine_name()
+    with warnings.catch_warnings(), quantized_engine(engine), torch.no_grad():
         warnings.simplefilter("ignore")
-        quantized = _quantize(copy.deepcopy(model).cpu().eval(), (calibration.cpu(),), engine)
+        quantized = quantize_int8(copy.deepcopy(model).cpu().eval(), (calibration.cpu(),), engine)
         return accuracy(quantized, x.cpu(), y.cpu())

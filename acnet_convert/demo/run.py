@@ -15,12 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from ..api import acify, deploy
+from ..checks.verify import verify
+from ..constants import DEMO_EPOCHS
 from .experiment import History, Recipe, Split, count_parameters, load_digits, predict, single_thread, train
 from .models import SmallCNN
-from ..checks.verify import verify
 
 PLOT_NAME = "acnet-demo.png"
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = DEMO_EPOCHS
 
 
 @dataclass

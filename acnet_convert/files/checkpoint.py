@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..errors import ACNetError
 from ..analysis import Plan
+from ..constants import FILE_FORMATS
+from ..errors import ACNetError, first_line
 
-FORMATS = ("acified", "plain", "original")  # what a checkpoint holds; the "acnet.format" metadata entry
 WRAPPERS = ("state_dict", "model")  # {"state_dict": ...} / {"model": ...} checkpoints are unwrapped
 PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel / torch.compile; stripped when on every key
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
@@ -59,7 +59,7 @@ class Checkpoint:
 def metadata(fmt: str, plan: Plan | None = None, **entries: object) -> dict[str, str]:
     """The metadata written with a checkpoint: its format, the plan that defines its structure, and ``entries``
     (``model``: the class; from the command line also ``spec``, ``args``, ``options``, ``input_shape``)."""
-    if fmt not in FORMATS:
+    if fmt not in FILE_FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
     recorded = {"format": fmt, **({"plan": plan.to_dict()} if plan is not None else {}), **entries}
     recorded["version"] = __version__
@@ -101,7 +101,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
             state = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # safetensors raises its own error types, and OSError on short reads
         raise ACNetError(
-            f"{path} is not a valid safetensors file ({_first_line(exc)}): it may be truncated; write it again"
+            f"{path} is not a valid safetensors file ({first_line(exc)}): it may be truncated; write it again"
         ) from exc
     return Checkpoint(_strip_prefixes(state), {k: v for k, v in metadata.items() if k.startswith(_META)})
 
@@ -112,7 +112,7 @@ def _read_torch(path: Path, key: str | None = None) -> Checkpoint:
     except pickle.UnpicklingError as exc:
         if not re.search(r"GLOBAL|reduce|unsupported class", str(exc), re.IGNORECASE):
             found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            reason = found.group(1) if found else _first_line(exc)
+            reason = found.group(1) if found else first_line(exc)
             raise _unreadable(path, reason) from exc
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f" (it needs {found.group(1)})" if found else ""
@@ -121,7 +121,7 @@ def _read_torch(path: Path, key: str | None = None) -> Checkpoint:
             f"for safety: save the weights alone, e.g. torch.save(model.state_dict(), path), or use safetensors"
         ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, ... on truncated or foreign files
-        raise _unreadable(path, _first_line(exc)) from exc
+        raise _unreadable(path, first_line(exc)) from exc
     recorded = obj.get(_PT_METADATA) if isinstance(obj, Mapping) else None
     if not isinstance(recorded, Mapping) or not all(isinstance(v, str) for v in recorded.values()):
         recorded = {}
@@ -228,10 +228,10 @@ def _umask() -> int:
 
 def file_kind(path: str | Path) -> str:
     """'safetensors' or 'torch', from the name of a checkpoint to write."""
-    kind = SUFFIXES.get(Path(path).suffix)
-    if kind is None:
+    container = SUFFIXES.get(Path(path).suffix)
+    if container is None:
         raise ACNetError(f"cannot tell the format of {Path(path).name}: name it *.safetensors (recommended) or *.pt")
-    return kind
+    return container
 
 
 def write(
@@ -247,13 +247,13 @@ def write(
     ``.pt`` file is a bare state_dict, so that deployment code loads it with ``torch.load`` alone.
     """
     path = Path(path)
-    kind = file_kind(path)
+    container = file_kind(path)
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, Tensor)]
     if not_tensors:
         raise ACNetError(f"{', '.join(not_tensors[:_LISTED])} in the state_dict are not tensors and cannot be written")
     state = {key: value.detach().cpu() for key, value in state_dict.items()}
     with atomic_output(path, force=force) as tmp:
-        if kind == "torch":
+        if container == "torch":
             bare = not metadata or json.loads(metadata.get(_META + "format", "null")) == "original"
             torch.save(state if bare else {"state_dict": state, _PT_METADATA: dict(metadata)}, tmp)
         else:
@@ -282,21 +282,16 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: s
         for key, value in expected.items()
         if isinstance(given := state_dict.get(key), Tensor) and isinstance(value, Tensor) and given.shape != value.shape
     ]
-    kinds = (("missing", missing), ("unexpected", unexpected), ("of the wrong shape, file vs model", misshapen))
-    problems = [_listing(what, keys) for what, keys in kinds if keys]
+    listed = (("missing", missing), ("unexpected", unexpected), ("of the wrong shape, file vs model", misshapen))
+    problems = [_listing(what, keys) for what, keys in listed if keys]
     if problems:
         raise ACNetError(f"{source} does not fit the model: {'; '.join(problems)}; {hint}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise ACNetError(f"{source} does not load into the model ({_first_line(exc)}); {hint}") from exc
+        raise ACNetError(f"{source} does not load into the model ({first_line(exc)}); {hint}") from exc
 
 
 def _listing(what: str, keys: list[str]) -> str:
     more = f" and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
     return f"{len(keys)} {what} ({', '.join(keys[:_LISTED])}{more})"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -1,7 +1,8 @@
 """Exported artifacts of a deployed model: ONNX, ``torch.export`` programs (``.pt2``) and TorchScript.
 
 Each exporter writes one file for ``model(*inputs)``; ``load_artifact`` reads any of them back as a callable
-module, so that an artifact can be compared with the model it came from. Inputs are named ``input`` (or
+module, so that an artifact can be compared with the model it came from; ``export_checked`` does both, and keeps
+the file only when it computes what the model computes. Inputs are named ``input`` (or
 ``input_0`` ... ``input_n``); outputs ``output``, ``output_0`` ... ``output_n``, or the keys of a dict output.
 The batch (first) dimension of every input is dynamic unless ``dynamic=False``.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,24 +23,29 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ..errors import ACNetError
+from ..checks.verify import Comparison, verify
+from ..constants import ARTIFACT_FORMATS
+from ..errors import ACNetError, VerificationError, first_line, warn
+from . import checkpoint
+from .inputs import at_batch, random_inputs
 
-KINDS = ("onnx", "pt2", "torchscript")
+RUNNERS = {"onnx": "onnxruntime", "pt2": "torch.export", "torchscript": "TorchScript"}  # what runs each format
+ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")
 _OUTPUT_INDEX = re.compile(r"output_\d+")
 
 
 @dataclass
 class Exported:
-    """What an exporter wrote: the file, its kind, the names of its inputs and outputs, and how it was made."""
+    """What an exporter wrote: the file, its format, the names of its inputs and outputs, and how it was made."""
 
     path: Path
-    kind: str
+    format: str
     input_names: list[str]
     output_names: list[str]
     dynamic: bool
     opset: int | None = None
     fallback: str = ""  # why torch.export could not capture the model, when the tracing exporter wrote the file
-    notes: list[str] = field(default_factory=list)
+    checked_batches: list[int] = field(default_factory=list)  # the batch sizes export_checked ran the file at
 
 
 def input_names(count: int) -> list[str]:
@@ -64,7 +71,7 @@ def export_onnx(
     model: nn.Module, inputs: tuple[Tensor, ...], path: str | Path, *, opset: int | None = None, dynamic: bool = True
 ) -> Exported:
     """Write ``model`` as one self-contained ONNX file with torch.export, else with the tracing exporter."""
-    _require("onnx", "onnxruntime", "onnxscript")
+    require_onnx()
     names, outputs = input_names(len(inputs)), _output_names(model, inputs)
     common = {"input_names": names, "output_names": outputs, "opset_version": opset}
     try:
@@ -75,14 +82,14 @@ def export_onnx(
             )
         fallback = ""
     except Exception as exc:  # torch.export raises many types on data-dependent code
-        fallback = _first_line(exc)
+        fallback = first_line(exc)
         axes = {name: {0: "batch"} for name in [*names, *outputs]} if dynamic else None
         try:
             with quiet():
                 torch.onnx.export(model, inputs, str(path), dynamic_axes=axes, dynamo=False, **common)
         except Exception as exc2:
             raise ACNetError(
-                f"ONNX export failed ({_first_line(exc2)}): acnet deploy --format plain still works"
+                f"ONNX export failed ({first_line(exc2)}): save_weights(model, path, \"plain\") still works"
             ) from exc2
     return Exported(Path(path), "onnx", names, outputs, dynamic, _opset(path), fallback)
 
@@ -96,8 +103,8 @@ def export_pt2(model: nn.Module, inputs: tuple[Tensor, ...], path: str | Path, *
             torch.export.save(program, buffer)
     except Exception as exc:  # torch.export raises many types on code it cannot capture
         raise ACNetError(
-            f"torch.export cannot capture the model ({_first_line(exc)}): export --onnx (which falls back to the "
-            "tracing exporter) or --torchscript instead"
+            f"torch.export cannot capture the model ({first_line(exc)}): use export_onnx (which falls back to the "
+            "tracing exporter) or export_torchscript instead"
         ) from exc
     Path(path).write_bytes(buffer.getvalue())
     return Exported(Path(path), "pt2", input_names(len(inputs)), _output_names(model, inputs), dynamic)
@@ -109,11 +116,75 @@ def export_torchscript(model: nn.Module, inputs: tuple[Tensor, ...], path: str |
         with quiet():
             torch.jit.save(torch.jit.trace(model, inputs, strict=False), str(path))
     except Exception as exc:
-        raise ACNetError(f"TorchScript tracing failed ({_first_line(exc)}): try --pt2 or --onnx") from exc
+        raise ACNetError(f"TorchScript tracing failed ({first_line(exc)}): try export_pt2 or export_onnx") from exc
     return Exported(Path(path), "torchscript", input_names(len(inputs)), _output_names(model, inputs), True)
 
 
-def artifact_kind(path: str | Path) -> str | None:
+def export_checked(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    path: str | Path,
+    format: str,
+    *,
+    opset: int | None = None,
+    dynamic: bool = True,
+    force: bool = False,
+    rtol: float = 1e-4,
+    shapes: list[tuple[int, ...]] | None = None,
+    on_check: Callable[[str, Comparison], None] | None = None,
+) -> Exported:
+    """Export ``model`` (deployed, on the CPU) as ``format`` to ``path``, kept only if it computes the same.
+
+    The file is run at the batch size of ``inputs`` and, with a dynamic batch, at another one (random inputs of
+    ``shapes``, default the inputs' shapes); outputs that differ beyond ``rtol`` (relative to max(1, max|ref|))
+    raise ``VerificationError`` and leave ``path`` as it was.  ``on_check`` sees each comparison, labelled.
+    """
+    if format not in ARTIFACT_FORMATS:
+        raise ACNetError(f"unknown export format {format!r}: use one of {', '.join(ARTIFACT_FORMATS)}")
+    batch = int(inputs[0].shape[0])
+    traced = inputs if not dynamic or batch > 1 else tuple(t.repeat(2, *[1] * (t.dim() - 1)) for t in inputs)
+    with checkpoint.atomic_output(path, force=force) as tmp:
+        if format == "onnx":
+            exported = export_onnx(model, traced, tmp, opset=opset, dynamic=dynamic)
+        elif format == "pt2":
+            exported = export_pt2(model, traced, tmp, dynamic=dynamic)
+        else:
+            exported = export_torchscript(model, traced, tmp)
+        if exported.fallback:
+            warn(
+                f"torch.export could not capture the model ({exported.fallback}); the tracing exporter wrote {path}: "
+                "it holds only the path the example input took through data-dependent code"
+            )
+        artifact = load_artifact(tmp, format=format)
+        runs = [(batch, inputs)]
+        if dynamic and not exported.fallback:  # a traced file holds the example's path: other inputs may differ
+            other = 1 if batch > 1 else 3
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            others = at_batch(shapes or [tuple(x.shape) for x in inputs], other)
+            runs.append((other, random_inputs(others, dtype, seed=1)))
+        failed = None
+        for size, x in runs:
+            label = f"{RUNNERS[format]} ({path}) vs deployed at batch {size}"
+            result = verify(model, artifact, *x, rtol=math.inf)
+            if on_check is not None:
+                on_check(label, result)
+            if result.relative > rtol and failed is None:
+                failed = check_failure(label, result, rtol)
+        if failed is not None:
+            raise failed
+    exported.path, exported.checked_batches = Path(path), [size for size, _ in runs]
+    return exported
+
+
+def check_failure(label: str, result: Comparison, rtol: float) -> VerificationError:
+    """The error of a comparison beyond ``rtol``, naming it."""
+    return VerificationError(
+        f"check {label} failed: max abs error {result.max_abs:.3g}, relative {result.relative:.3g} exceeds "
+        f"rtol={rtol:g}; did the model change after deploy, or is it not deterministic in eval?"
+    )
+
+
+def artifact_format(path: str | Path) -> str | None:
     """'onnx', 'pt2' or 'torchscript' for an exported file (by its name or its contents), else None."""
     path = Path(path)
     if path.suffix == ".onnx":
@@ -129,36 +200,36 @@ def artifact_kind(path: str | Path) -> str | None:
     return None
 
 
-def load_artifact(path: str | Path, *, kind: str | None = None, device: str = "cpu") -> Artifact:
-    """An exported file (of ``kind``, else recognised by ``artifact_kind``) as a module that runs it on the CPU."""
+def load_artifact(path: str | Path, *, format: str | None = None, device: str = "cpu") -> Artifact:
+    """An exported file (of ``format``, else recognised by ``artifact_format``) as a module run on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise ACNetError(f"{path} not found: check the path")
-    kind = kind or artifact_kind(path)
-    if kind not in KINDS:
+    format = format or artifact_format(path)
+    if format not in ARTIFACT_FORMATS:
         raise ACNetError(f"{path} is not an exported model: give an .onnx, .pt2 or TorchScript file")
     try:
         with quiet():
-            if kind == "onnx":
+            if format == "onnx":
                 runner = OnnxModel(path)
-            elif kind == "pt2":
+            elif format == "pt2":
                 runner = torch.export.load(io.BytesIO(path.read_bytes())).module()
             else:
                 runner = torch.jit.load(str(path), map_location="cpu")
     except ACNetError:
         raise
     except Exception as exc:
-        raise ACNetError(f"{path} is not a readable {kind} file ({_first_line(exc)}): export it again") from exc
-    return Artifact(runner, kind, device)
+        raise ACNetError(f"{path} is not a readable {format} file ({first_line(exc)}): export it again") from exc
+    return Artifact(runner, format, device)
 
 
 class Artifact(nn.Module):
     """An exported model's runner, fed on the CPU; its outputs come back on ``device``."""
 
-    def __init__(self, runner: object, kind: str, device: str = "cpu"):
+    def __init__(self, runner: object, format: str, device: str = "cpu"):
         super().__init__()
         self.__dict__["runner"] = runner  # not a submodule: eval() and train() leave the exported program alone
-        self.kind, self.device = kind, device
+        self.format, self.device = format, device
 
     def forward(self, *inputs: Tensor):
         with torch.no_grad(), quiet():
@@ -171,7 +242,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str | Path):
         super().__init__()
-        _require("onnxruntime")
+        require_onnx(("onnxruntime",))
         import onnxruntime
 
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -210,7 +281,8 @@ def _opset(path: str | Path) -> int | None:
     return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
 
 
-def _require(*modules: str) -> None:
+def require_onnx(modules: tuple[str, ...] = ONNX_MODULES) -> None:
+    """``ACNetError`` naming the extra to install when a module ONNX export or checking needs is missing."""
     for module in modules:
         try:
             __import__(module)
@@ -225,8 +297,3 @@ def quiet() -> Iterator[None]:
         with contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..constants import DEVICES
 from ..errors import ACNetError
-
-DEVICES = ("cpu", "cuda")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

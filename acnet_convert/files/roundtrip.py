@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
-from ..api import PLAN_ATTR, acify, apply_plan, deploy
-from ..errors import ACNetError
 from ..analysis import Plan, Site
-from ..modules import names_by_module
-from ..blocks import is_block, kinds
+from ..api import PLAN_ATTR, deploy
+from ..blocks import has_blocks
+from ..constants import FILE_FORMATS
+from ..errors import ACNetError
+from ..modules import class_path, names_by_module
+from . import checkpoint
+from .rebuild import rebuild_from_checkpoint
 
-FORMATS = checkpoint.FORMATS
 ORIGIN_ATTR = "acnet_origin"  # how a loaded model was built (spec, arguments, input shapes), written back on save
 _ORIGIN_KEYS = ("spec", "args", "input_shape")
 
@@ -44,21 +45,20 @@ def save_weights(
     ``load`` returned carries what its file recorded, and writes it again.
     """
     path = Path(path)
-    has_blocks = any(is_block(m) for m in model.modules())
-    fmt = format or ("acified" if has_blocks else "plain")
-    if fmt not in FORMATS:
-        raise ACNetError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if fmt == "acified" and not has_blocks:
+    blocks = has_blocks(model)
+    fmt = format or ("acified" if blocks else "plain")
+    if fmt not in FILE_FORMATS:
+        raise ACNetError(f"unknown format {fmt!r}: use one of {', '.join(FILE_FORMATS)}")
+    if fmt == "acified" and not blocks:
         raise ACNetError("the model contains no block, so it has no acified form: save the model acify returned")
     if fmt == "original":
         state = original_state_dict(model)
-    elif fmt == "plain" and has_blocks:
+    elif fmt == "plain" and blocks:
         state = deploy(model).state_dict()
     else:
         state = model.state_dict()
-    report = getattr(model, PLAN_ATTR, None)
     recorded = {**getattr(model, ORIGIN_ATTR, {}), **dict(origin or {})}
-    metadata = checkpoint.metadata(fmt, report, model=_class_path(model), **recorded)
+    metadata = checkpoint.metadata(fmt, getattr(model, PLAN_ATTR, None), model=class_path(type(model)), **recorded)
     path.parent.mkdir(parents=True, exist_ok=True)
     return checkpoint.write(path, state, metadata, force=force)
 
@@ -76,20 +76,9 @@ def load(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False, ke
     if hasattr(model, PLAN_ATTR):
         raise ACNetError("load takes the unmodified model, but this one was acified already: build it afresh")
     ckpt = checkpoint.read(path, key)
-    fmt, recorded = ckpt.get("format"), ckpt.plan
     if not inplace:
         model = copy.deepcopy(model)
-    if recorded is not None and fmt in ("acified", "plain"):
-        _check_kinds(recorded, path)
-        apply_plan(model, recorded)
-    elif fmt in ("acified", "plain"):
-        _acify_as_recorded(model, ckpt)
-    elif fmt is None and set(ckpt.state_dict) != set(model.state_dict()):
-        _acify_as_recorded(model, ckpt)
-        fmt = "acified" if set(ckpt.state_dict) == set(model.state_dict()) else "plain"
-    if fmt == "plain" and any(is_block(m) for m in model.modules()):
-        deploy(model, inplace=True, check=False)  # the structure only: the weights come from the file
-    checkpoint.load_strict(model, ckpt.state_dict, source=str(path), hint=_written_for(ckpt))
+    rebuild_from_checkpoint(model, ckpt, source=str(path))
     origin = {name: ckpt.get(name) for name in _ORIGIN_KEYS if ckpt.get(name) is not None}
     if origin:
         setattr(model, ORIGIN_ATTR, origin)
@@ -103,17 +92,17 @@ def original_state_dict(model: nn.Module) -> dict[str, Tensor]:
     the absorbed BatchNorm (set to an exact identity plus that bias), else into the running mean of a BatchNorm
     that alone follows the conv (its eval output is unchanged).  ``ACNetError`` when a bias has no such place.
     """
-    report = getattr(model, PLAN_ATTR, None)
-    if not isinstance(report, Plan):
+    plan = getattr(model, PLAN_ATTR, None)
+    if not isinstance(plan, Plan):
         raise ACNetError(
             "the model carries no acnet_plan: pass the model that acify, deploy or load returned"
         )
-    if any(site.action == "done" for site in report.sites):
+    if any(site.action == "done" for site in plan.sites):
         raise ACNetError("the original model already contains blocks, which no plain conv can hold: use format plain")
-    deployed = deploy(model) if any(is_block(m) for m in model.modules()) else model
+    deployed = deploy(model) if has_blocks(model) else model
     state = deployed.state_dict()
     names = names_by_module(deployed)
-    for site in report.converted:
+    for site in plan.converted:
         _place_site(site, deployed, state, names)
     return state
 
@@ -145,7 +134,9 @@ def _place_site(site: Site, deployed: nn.Module, state: dict[str, Tensor], names
 def _identity_bn(name: str, site: Site, beta: Tensor) -> dict[str, Tensor]:
     """A BatchNorm state that computes x + beta exactly in eval mode: mean 0, var 1 - eps, gamma 1."""
     if not site.bn_eps < 1:
-        raise ACNetError(f"BatchNorm {name} has eps={site.bn_eps:g} >= 1 and cannot act as an identity: use format plain")
+        raise ACNetError(
+            f"BatchNorm {name} has eps={site.bn_eps:g} >= 1 and cannot act as an identity: use format plain"
+        )
     if not site.bn_affine and beta.any():
         raise ACNetError(f"BatchNorm {name} has no affine bias to carry the fused bias: use format plain")
     state = {
@@ -157,35 +148,4 @@ def _identity_bn(name: str, site: Site, beta: Tensor) -> dict[str, Tensor]:
         state[f"{name}.weight"] = torch.ones_like(beta)
         state[f"{name}.bias"] = beta.clone()
     return state
-
-
-def _acify_as_recorded(model: nn.Module, ckpt: checkpoint.Checkpoint) -> None:
-    """Rebuild a file without a recorded plan: acify with the options (and example input shape) it records."""
-    options = dict(ckpt.get("options") or {})
-    shape = ckpt.get("input_shape")
-    example = (torch.randn(shape, generator=torch.Generator().manual_seed(0)),) if shape else None
-    acify(model, inplace=True, example_inputs=example, **options)
-
-
-def _check_kinds(report: Plan, path: str | os.PathLike) -> None:
-    missing = sorted({site.kind for site in report.converted} - set(kinds()))
-    if missing:
-        raise ACNetError(
-            f"{path} uses block kind {missing[0]!r}, which is not registered: import the module that calls "
-            f"register_block({missing[0]!r}, ...) before loading"
-        )
-
-
-def _written_for(ckpt: checkpoint.Checkpoint) -> str:
-    """What a file says it was written for, to put beside a mismatch."""
-    spec, args, model = ckpt.get("spec"), ckpt.get("args"), ckpt.get("model")
-    if spec:
-        return f"it was written for {spec}" + (f" with arguments {' '.join(args)}" if args else "")
-    if model:
-        return f"it was written for a {model}: build that model with the same arguments"
-    return "the file records no model: pass the model it was saved from"
-
-
-def _class_path(model: nn.Module) -> str:
-    return f"{type(model).__module__}.{type(model).__qualname__}"
 

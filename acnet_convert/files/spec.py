@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from ..errors import ACNetError
+from ..errors import ACNetError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -87,15 +87,15 @@ class ModelSpec:
         except Exception as exc:
             raise self._build_error(exc) from exc
         if not isinstance(model, nn.Module):
-            kind = type(model).__name__
-            raise ACNetError(f"{self.text} returned a {kind}, not a torch.nn.Module: name a model class or factory")
+            returned = type(model).__name__
+            raise ACNetError(f"{self.text} returned a {returned}, not a torch.nn.Module: name a model class or factory")
         return model
 
     def _build_error(self, exc: Exception) -> ACNetError:
         """What went wrong building the model: an unknown or missing --arg, a download, or the model's own error."""
         if _download_failure(exc):
             return ACNetError(
-                f"this model downloads weights when built ({_one_line(_download_failure(exc))}): pass "
+                f"this model downloads weights when built ({first_line(_download_failure(exc))}): pass "
                 f"{self._no_download_hint()}, or download the weights while online first"
             )
         text = str(exc)
@@ -108,7 +108,7 @@ class ModelSpec:
             example = " ".join(f"--arg {name}=..." for name in names)
             return ACNetError(f"{self.text} needs the argument(s) {', '.join(names)}: pass {example}")
         return ACNetError(
-            f"building {self.text} failed{_user_line(exc)}: {_one_line(exc)}; check the code and the --arg values"
+            f"building {self.text} failed{_user_line(exc)}: {first_line(exc)}; check the code and the --arg values"
         )
 
     def _takes(self, unknown: str) -> str:
@@ -209,7 +209,7 @@ def _import_file(path: Path) -> ModuleType:
         raise ACNetError(f"{path.name} line {exc.lineno}: syntax error ({exc.msg}): fix the file") from exc
     except Exception as exc:
         del sys.modules[module_name]
-        raise ACNetError(f"importing {path.name} failed{_user_line(exc)}: {_one_line(exc)}; fix the file") from exc
+        raise ACNetError(f"importing {path.name} failed{_user_line(exc)}: {first_line(exc)}; fix the file") from exc
     return module
 
 
@@ -224,9 +224,9 @@ def _import_module(name: str) -> ModuleType:
             raise ACNetError(
                 f"no module named {exc.name!r}: check the spec, install the package or run from its directory"
             ) from exc
-        raise ACNetError(f"importing {name} failed{_user_line(exc)}: {_one_line(exc)}; install what it needs") from exc
+        raise ACNetError(f"importing {name} failed{_user_line(exc)}: {first_line(exc)}; install what it needs") from exc
     except Exception as exc:
-        raise ACNetError(f"importing {name} failed{_user_line(exc)}: {_one_line(exc)}; fix the module") from exc
+        raise ACNetError(f"importing {name} failed{_user_line(exc)}: {first_line(exc)}; fix the module") from exc
 
 
 def _add_module_folder(name: str) -> None:
@@ -327,8 +327,3 @@ def _user_line(exc: BaseException) -> str:
         if "importlib" not in frame.filename and frame.filename != __file__ and "site-packages" not in frame.filename
     ]
     return f" at {Path(frames[-1].filename).name} line {frames[-1].lineno}" if frames else ""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -10,10 +10,12 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from ..api import PLAN_ATTR, apply_plan, deploy, plan
-from ..errors import ACNetError
 from ..analysis import Plan
-from ..files.roundtrip import FORMATS, save_weights
+from ..api import PLAN_ATTR, apply_plan, deploy, plan
+from ..constants import FILE_FORMATS
+from ..errors import ACNetError
+from ..files.rebuild import rebuild
+from ..files.roundtrip import save_weights
 from ..modules import replace_module
 from ..training import check_acify_options
 
@@ -33,8 +35,8 @@ class ACNetCallback(pl.Callback):
     ):
         super().__init__()
         check_acify_options(options)
-        if format not in FORMATS:
-            raise ACNetError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+        if format not in FILE_FORMATS:
+            raise ACNetError(f"unknown format {format!r}: use one of {', '.join(FILE_FORMATS)}")
         self.options = options
         self.out = None if out is None else Path(out)
         self.format = format
@@ -46,22 +48,22 @@ class ACNetCallback(pl.Callback):
         if hasattr(pl_module, PLAN_ATTR):
             return
         build = {k: v for k, v in self.options.items() if k not in ("init", "gamma_init")}
-        report = plan(pl_module, **build)
-        if not any(site.action in ("convert", "done") for site in report.sites):
+        new_plan = plan(pl_module, **build)
+        if not any(site.action in ("convert", "done") for site in new_plan.sites):
             raise ACNetError(
                 f"{type(pl_module).__name__} has no conv that acify can convert when the callback runs; if its layers "
                 "are built in setup() or configure_model(), call acify there instead of using ACNetCallback"
             )
-        originals = _originals(pl_module, report)
+        originals = _originals(pl_module, new_plan)
         init = {k: v for k, v in self.options.items() if k in ("init", "gamma_init")}
-        apply_plan(pl_module, report, **init)
+        apply_plan(pl_module, new_plan, **init)
         _follow_recorded_plans(pl_module, originals)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Record the plan in the checkpoint."""
-        report = getattr(pl_module, PLAN_ATTR, None)
-        if isinstance(report, Plan):
-            checkpoint[CHECKPOINT_KEY] = report.to_dict()
+        recorded = getattr(pl_module, PLAN_ATTR, None)
+        if isinstance(recorded, Plan):
+            checkpoint[CHECKPOINT_KEY] = recorded.to_dict()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Deploy the trained module and write its weights on global rank 0."""
@@ -70,11 +72,11 @@ class ACNetCallback(pl.Callback):
             save_weights(pl_module if self.format == "acified" else self.deployed, self.out, self.format)
 
 
-def _originals(module: nn.Module, report: Plan) -> dict[str, nn.Module]:
-    """Copies of the convs and BatchNorms ``report`` converts, by every name they have (to undo the conversion)."""
+def _originals(module: nn.Module, converting: Plan) -> dict[str, nn.Module]:
+    """Copies of the convs and BatchNorms ``converting`` converts, by every name they have (to undo the conversion)."""
     copies: dict[int, nn.Module] = {}
     found = {}
-    for site in report.converted:
+    for site in converting.converted:
         for name in (*site.names, *([site.bn, *site.bn_aliases] if site.bn else [])):
             original = module.get_submodule(name)
             found[name] = copies.setdefault(id(original), copy.deepcopy(original))
@@ -87,15 +89,15 @@ def _follow_recorded_plans(module: pl.LightningModule, originals: dict[str, nn.M
 
     def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get(CHECKPOINT_KEY)
-        current = getattr(module, PLAN_ATTR)
-        if recorded is not None and _structure(Plan.from_dict(recorded)) != _structure(current):
+        if recorded is not None and _structure(Plan.from_dict(recorded)) != _structure(getattr(module, PLAN_ATTR)):
             for name, original in originals.items():
                 replace_module(module, name, original)
-            apply_plan(module, Plan.from_dict(recorded))
+            rebuild(module, Plan.from_dict(recorded), "acified", source="the Lightning checkpoint")  # Lightning loads
         hook(checkpoint)
 
     module.on_load_checkpoint = on_load_checkpoint
 
 
-def _structure(report: Plan) -> list[dict]:
-    return [site.as_dict() | {"reason": ""} for site in report.converted]
+def _structure(recorded: Plan) -> list[dict]:
+    """What of a plan decides the structure it builds (the reasons do not)."""
+    return [site.as_dict() | {"reason": "", "codes": []} for site in recorded.converted]

@@ -17,8 +17,8 @@ from timm.models import register_model
 from torch import nn
 
 from ..api import acify
+from ..blocks import has_blocks
 from ..errors import ACNetError
-from ..blocks import is_block
 from ..training import check_acify_options
 
 PREFIX = "acnet_"
@@ -43,7 +43,7 @@ def _entrypoint(arch: str, name: str, options: dict[str, Any]) -> Callable[..., 
         chosen = {**options, **_pop_acnet_options(kwargs)}
         check_acify_options(chosen)
         model = acify(timm.create_model(arch, pretrained=pretrained, **kwargs), inplace=True, **chosen)
-        if not any(is_block(m) for m in model.modules()):
+        if not has_blocks(model):
             raise ACNetError(f"acify converts no conv of timm's {arch} (acnet_convert.plan says why): use {arch}")
         return model
 

@@ -17,9 +17,11 @@ from torch import nn
 from ultralytics.engine.model import Model
 from ultralytics.nn.modules import Conv2, RepConv, RepVGGDW
 
-from ..api import PLAN_ATTR, acify, apply_plan, deploy
+from ..analysis import Plan
+from ..api import PLAN_ATTR, acify, deploy
+from ..blocks import has_blocks, is_block
 from ..errors import ACNetError
-from ..blocks import is_block
+from ..files.rebuild import rebuild
 from ..training import check_acify_options
 
 # Ultralytics modules whose own fusion reads their convs' weights directly: their convs stay plain.
@@ -42,11 +44,11 @@ class _ACNetTrainer:
 
     def get_model(self, cfg: Any = None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
         """Build the task's model with blocks: new ones from ``acnet_options``, or the ones ``weights`` trained."""
-        report = _trained_plan(weights)
-        model = super().get_model(cfg=cfg, weights=None if report else weights, verbose=verbose)
-        if report is None:
+        trained = _trained_plan(weights)
+        model = super().get_model(cfg=cfg, weights=None if trained else weights, verbose=verbose)
+        if trained is None:
             return acify_model(model, **self.acnet_options)
-        apply_plan(model, report)
+        rebuild(model, trained, "acified", source=f"the {type(weights).__name__} to train from")
         model.load(weights)  # what fits, as Ultralytics transfers it: a head for other classes starts afresh
         model.fuse = _DeployThenFuse(model)
         return model
@@ -60,7 +62,7 @@ def acify_model(model: nn.Module, **options: Any) -> nn.Module:
     options.setdefault("example_inputs", (_example_input(model),))
     options["exclude"] = [*_as_list(options.get("exclude")), *_own_reparam_names(model)] or None
     acify(model, inplace=True, **options)
-    if not any(is_block(m) for m in model.modules()):
+    if not has_blocks(model):
         raise ACNetError(
             f"acify converted no conv of this {type(model).__name__} (see model.{PLAN_ATTR}); "
             "widen include/exclude or train it without ACNet"
@@ -97,7 +99,7 @@ def save_deployed(checkpoint: str | os.PathLike, out: str | os.PathLike | None =
     out = path.with_name(f"{path.stem}-deployed.pt") if out is None else Path(out)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = ckpt.get("ema") or ckpt.get("model")
-    if not isinstance(model, nn.Module) or not any(is_block(m) for m in model.modules()):
+    if not isinstance(model, nn.Module) or not has_blocks(model):
         raise ACNetError(f"{path} holds no ACNet blocks: it is plain already, use it as it is")
     plain = deploy_model(model.float()).half().requires_grad_(False)
     ckpt.update(model=plain, ema=None, optimizer=None, scaler=None, updates=None, best_fitness=None, epoch=-1)
@@ -118,17 +120,17 @@ class _DeployThenFuse:
         return deploy_model(self.model).fuse(*args, **kwargs)
 
 
-def _trained_plan(weights: nn.Module | None) -> Any:
+def _trained_plan(weights: nn.Module | None) -> Plan | None:
     """The plan ``weights`` was acified with, or None when it holds no blocks."""
-    if not isinstance(weights, nn.Module) or not any(is_block(m) for m in weights.modules()):
+    if not isinstance(weights, nn.Module) or not has_blocks(weights):
         return None
-    report = getattr(weights, PLAN_ATTR, None)
-    if report is None:
+    trained = getattr(weights, PLAN_ATTR, None)
+    if trained is None:
         raise ACNetError(
             f"the {type(weights).__name__} to train from holds ACNet blocks but no {PLAN_ATTR}: "
             "start from the checkpoint the ACNet trainer wrote"
         )
-    return report
+    return trained
 
 
 def _absorbed_bn(module: nn.Module) -> bool:

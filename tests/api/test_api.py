@@ -489,3 +489,18 @@ def test_verify_compares_fast_blocks_layer_by_layer_too():
     acified = acify(Net(), mode="fast", init="scratch")
     result = verify(acified, deploy(acified), X, layers=True)
     assert set(result.layers) == {"conv1", "conv2"}
+
+
+def test_deploy_check_keeps_every_submodule_mode():
+    acified = acify(Net()).train()
+    acified.conv1.branches["hor"].bn.eval()
+    deploy(acified)
+    assert acified.conv1.training and not acified.conv1.branches["hor"].bn.training
+    assert all(m.training for n, m in acified.named_modules() if n != "conv1.branches.hor.bn")
+
+
+def test_plan_options_arrive_as_given():
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.Conv3d(4, 4, 3, padding=1))
+    p = plan(model, layout3d="planes", include="0", min_kernel=3, max_kernel=3)
+    assert (site(p, "0").layout, site(p, "0").bn) == ("planes", "1")
+    assert site(p, "2").codes == ["not-included"]

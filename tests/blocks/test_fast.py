@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from acnet_convert import ACBlock, ACNetError, FastACBlock, acify, deploy, plan, verify
-from acnet_convert.blocks.acb import branch_geometry, resolve_padding
+from acnet_convert.blocks.geometry import branch_geometry, pad_like_conv, resolve_padding
 from conftest import randomize_bn
 
 
@@ -75,7 +75,7 @@ def test_gradients_equal_autograd_through_the_plain_composition(case, input_grad
 
     def plain(x):  # the composed kernel kept for backward, as autograd does it
         if block.padding_mode != "zeros":
-            x = F.pad(x, block._explicit_padding, mode=block.padding_mode)
+            x = pad_like_conv(x, block.explicit_padding, block.padding_mode)
             return F.conv2d(x, block.composed_weight(), block.bias, block.stride, 0, block.dilation, block.groups)
         return F.conv2d(x, block.composed_weight(), block.bias, block.stride, block.padding, block.dilation,
                         block.groups)  # fmt: skip

@@ -130,3 +130,19 @@ def test_bad_block_choices_name_the_registered_kinds():
 def test_report_sites_name_their_kind_and_skipped_sites_have_none():
     report = plan(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)), block="repvgg", mode="fast")
     assert [(s.kind, s.mode) for s in report.sites] == [("repvgg", "fast"), (None, None)]
+
+
+def test_register_block_reads_the_kind_from_the_class_and_checks_one_given_with_it():
+    class OtherPlus(PointwisePlus):
+        kind = "other_plus"
+
+    class UnnamedPlus(PointwisePlus):  # inherits the kind "pointwise_plus"
+        pass
+
+    register_block(OtherPlus)
+    assert block_class("other_plus") is OtherPlus and kinds()[:4] == ("acb", "dbb", "repvgg", "qarepvgg")
+    with pytest.raises(ACNetError, match="got kind 'elsewise' for OtherPlus, whose kind is 'other_plus'"):
+        register_block("elsewise", OtherPlus)
+    register_block("unnamed_plus", UnnamedPlus)  # the 0.2 form names the kind of a class that only inherits one
+    assert UnnamedPlus.kind == "unnamed_plus" and PointwisePlus.kind == "pointwise_plus"
+    assert block_class("unnamed_plus") is UnnamedPlus and block_class("pointwise_plus") is PointwisePlus

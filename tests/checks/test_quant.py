@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from acnet_convert import ACBlock, ACNetError, QuantReport, quant_report
-from acnet_convert.demo.models import SmallCNN
 from acnet_convert.checks.ptq import ENGINES
 from acnet_convert.checks.quant import DB_PER_BIT, KEEP_ADVICE, PER_CHANNEL_ADVICE, SQNR_CAP_DB
+from acnet_convert.demo.models import SmallCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 A = 0.1  # half-width of the uniform weights
@@ -140,9 +140,10 @@ def test_a_batchnorm_after_a_layer_is_folded_in_first():
     for bits in ("int8", "int4"):
         assert got["sqnr_db"][bits] == pytest.approx(want["sqnr_db"][bits], abs=0.05)  # 0.05 dB, float32 rounding
     assert with_bn.figures.channel_spread > 5  # gamma spans 100x: the raw conv's spread (~1) would hide it
-    with pytest.warns(UserWarning, match="cannot trace Branchy.*without folding"):
+    with pytest.warns(UserWarning, match="cannot trace Branchy.*without folding") as caught:
         layer = quant_report(Branchy(bn=True)).layers[0]
     assert layer.bn is None
+    assert caught[0].filename == __file__  # the warning points at the caller's line
 
 
 def net() -> nn.Sequential:

@@ -24,7 +24,8 @@ from acnet_convert import __version__, acify, deploy, plan, verify
 from acnet_convert import api as convert_module
 from acnet_convert.files import export as export_module
 from acnet_convert.files.checkpoint import metadata, read, write
-from acnet_convert.cli.main import DEFAULT_OPTIONS, app
+from acnet_convert.cli import app
+from acnet_convert.cli.options import acify_options
 from acnet_convert.files.spec import ModelSpec
 
 MODEL = '''
@@ -323,7 +324,7 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "raises.py").write_text("import torch\n\nraise RuntimeError('needs a GPU')\n")
     spec = ModelSpec(str(folder / "model.py"))
     acified = acify(spec.build())
-    recorded = metadata("acified", spec="model.py", args=(), options=DEFAULT_OPTIONS, input_shape=(1, 3, 16, 16))
+    recorded = metadata("acified", spec="model.py", args=(), options=acify_options({}), input_shape=(1, 3, 16, 16))
     write(folder / "converted.safetensors", acified.state_dict(), recorded)  # as written before plans were recorded
     acified = train(folder / "converted.safetensors", folder / "trained.safetensors", spec)
     (folder / "truncated.safetensors").write_bytes((folder / "trained.safetensors").read_bytes()[:1000])

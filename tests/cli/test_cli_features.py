@@ -15,7 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from acnet_convert import deploy, load, save_weights
-from acnet_convert.cli.main import BUILTIN_KINDS, DEMO_EPOCHS, app
+from acnet_convert.cli import app
+from acnet_convert.constants import BUILTIN_KINDS
 from acnet_convert.files.spec import ModelSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -290,7 +291,7 @@ def test_usage_error_through_the_installed_script(tmp_path):
 def test_help_and_version_answer_without_importing_torch(args):
     # What keeps them fast is that torch is never imported (their time is measured in the closing figures, not here).
     probe = (
-        "import sys\nfrom acnet_convert.cli.main import app\n"
+        "import sys\nfrom acnet_convert.cli import app\n"
         f"try:\n    app({args!r}, prog_name='acnet')\nexcept SystemExit as done:\n    assert not done.code\n"
         "print('torch' in sys.modules, file=sys.stderr)"
     )
@@ -312,10 +313,33 @@ def test_shell_completion_completes_commands_and_choices(tmp_path):
     assert "_ACNET_COMPLETE" in shown.stdout
 
 
-def test_demo_epochs_default_is_the_demo_module_default():
+def test_the_choices_and_defaults_of_the_command_line_are_the_librarys():
+    import inspect
+    import typing
+
+    import typer
+
+    from acnet_convert import acify
+    from acnet_convert.blocks import kinds
+    from acnet_convert.cli.options import acify_options
+    from acnet_convert.constants import DEVICES, FILE_FORMATS, INITS, MODES
     from acnet_convert.demo import DEFAULT_EPOCHS
 
-    assert DEMO_EPOCHS == DEFAULT_EPOCHS
+    params = {(name, p.name): p for name, c in typer.main.get_command(app).commands.items() for p in c.params}
+
+    def choices(command: str, name: str) -> tuple:
+        return typing.get_args(params[command, name].type_descriptor.annotation)
+
+    for command in ("inspect", "convert", "deploy", "verify", "export"):
+        assert choices(command, "mode") == MODES and choices(command, "device") == DEVICES
+    assert choices("convert", "init") == INITS
+    assert choices("deploy", "fmt") == tuple(f for f in FILE_FORMATS if f != "acified")
+    assert params["demo", "epochs"].default == DEFAULT_EPOCHS
+    assert all(kind in params["convert", "block"].help for kind in kinds())
+    defaults = inspect.signature(acify).parameters
+    assert params["convert", "gamma_init"].default == defaults["gamma_init"].default
+    assert params["convert", "init"].default == defaults["init"].default
+    assert acify_options({}) == {name: defaults[name].default for name in acify_options({})}
 
 
 # ---- --json and --quiet ----

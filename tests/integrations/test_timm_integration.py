@@ -16,7 +16,7 @@ from torch import nn
 
 import acnet_convert.integrations.timm as acnet_timm
 from acnet_convert import ACNetError, acify, deploy
-from acnet_convert.blocks.registry import block_class, is_block, kinds
+from acnet_convert.blocks import block_class, is_block, kinds
 
 
 def eligible_convs(model: nn.Module) -> int:
@@ -175,7 +175,7 @@ def test_launcher_runs_a_timm_script_with_acnet_models(tmp_path):
         import argparse, sys
         import timm
         from timm.utils import ParseKwargs
-        from acnet_convert.blocks.registry import is_block
+        from acnet_convert.blocks import is_block
 
         parser = argparse.ArgumentParser()
         parser.add_argument("--model")

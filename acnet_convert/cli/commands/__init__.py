@@ -1,0 +1,1 @@
+"""One module per acnet command: its examples (``EPILOG``) and ``main``, which parses, calls the library, renders."""

@@ -1,0 +1,151 @@
+"""How an acnet command runs: typer's classes adjusted, option bundles unpacked, errors turned into exit codes.
+
+A command is a module of ``acnet_convert.cli.commands`` with ``EPILOG`` and a function ``main(session, ...)``;
+``add_command`` registers it under the module's name.  Every command gets the ``Output`` options last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import sys
+import traceback
+import typing
+from collections.abc import Callable, Iterator, Mapping
+
+import typer
+from typer import _click as click
+from typer.core import TyperCommand, TyperGroup
+
+from ..errors import ACNetError, VerificationError, first_line
+from .options import Output
+from .session import Session, error_line
+
+EXIT_FAILED, EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 a check failed (outputs differ beyond --rtol) or convert converted nothing; "
+    "2 usage or input error (bad option, spec, file or weights); 3 unexpected error (rerun with --debug)."
+)
+
+
+class NothingConverted(ACNetError):
+    """convert found no conv to convert (exit 1 unless --allow-empty)."""
+
+
+def _plain_flags(params: list) -> list:
+    """Parameters with the type column of every on/off flag left empty (no ``<bool>``)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """An acnet command: on/off flags show no value type in --help."""
+
+    def get_params(self, ctx: click.Context) -> list:
+        return _plain_flags(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """The acnet group: usage errors are one ``error: ... (try: ...)`` line and exit 2, like every other error."""
+
+    def get_params(self, ctx: click.Context) -> list:
+        return _plain_flags(super().get_params(ctx))
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name or "acnet", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            sys.exit(0)  # the help has been shown
+        except click.exceptions.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "acnet"
+            error_line(f"{_usage_message(exc)} (try: {where} --help)")
+            sys.exit(EXIT_INPUT)
+        except click.exceptions.ClickException as exc:
+            error_line(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(exc: Exception) -> str:
+    """click's message for a usage error, as one lower-case clause."""
+    text = " ".join(exc.format_message().replace("Value error, ", "").split()).rstrip(".")
+    return text[:1].lower() + text[1:]
+
+
+def epilog(*examples: str, note: str = "") -> str:
+    """Help text shown after the options: examples, one per paragraph, then a note."""
+    return "\n\n".join(["Examples:", *(f"  {example}" for example in examples), *([note] if note else [])])
+
+
+@contextlib.contextmanager
+def as_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """Library errors with the Python names in ``flags`` replaced by the command line's flags."""
+    try:
+        yield
+    except ACNetError as exc:
+        message = str(exc)
+        for name, replacement in flags.items():
+            message = message.replace(name, replacement)
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from exc
+
+
+def add_command(app: typer.Typer, name: str) -> None:
+    """Register the command module ``commands.<name>`` as ``acnet <name>``."""
+    module = importlib.import_module(f"{__package__}.commands.{name}")
+    app.command(name, cls=Command, epilog=module.EPILOG)(guarded(module.main, name))
+
+
+def guarded(command: Callable[..., None], name: str) -> Callable[..., None]:
+    """``command`` as typer calls it: its bundles' options spread out, the ``Output`` options added, its
+    ``Session`` passed first; errors become one line on stderr and a documented exit code."""
+    parameters = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+    bundles = {p.name: p.annotation for p in parameters if dataclasses.is_dataclass(p.annotation)}
+    spread = [q.replace(kind=q.KEYWORD_ONLY) for p in parameters
+              for q in (_fields(p.annotation) if p.name in bundles else [p])]  # fmt: skip
+
+    def run(**kwargs) -> None:
+        output = Output(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(Output)})
+        for key, bundle in bundles.items():
+            kwargs[key] = bundle(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(bundle)})
+        session = Session(name, output.as_json, output.quiet)
+        try:
+            command(session, **kwargs)
+            session.finish()
+            return
+        except (VerificationError, NothingConverted) as exc:
+            error, message, code = exc, str(exc), EXIT_FAILED
+        except ACNetError as exc:
+            error, message, code = exc, str(exc), EXIT_INPUT
+        except KeyboardInterrupt as exc:
+            error, message, code = exc, "interrupted", EXIT_INTERRUPTED
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            error, code = exc, EXIT_UNEXPECTED
+            message = f"unexpected {first_line(exc)} (rerun with --debug for the traceback)"
+        if output.debug:
+            traceback.print_exception(error)
+        session.fail(message, code)
+        raise typer.Exit(code)
+
+    run.__name__, run.__doc__ = command.__name__, command.__doc__
+    run.__signature__ = inspect.Signature([*spread, *_fields(Output)])
+    return run
+
+
+def _fields(bundle: type) -> list[inspect.Parameter]:
+    """A bundle's options as parameters, with their option types and defaults."""
+    hints = typing.get_type_hints(bundle, include_extras=True)
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(f.name, kind, default=f.default, annotation=hints[f.name])
+            for f in dataclasses.fields(bundle)]  # fmt: skip
