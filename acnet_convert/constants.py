@@ -17,6 +17,7 @@ BUILTIN_KINDS = {
     "repvgg": {"exact": "repvgg:RepVGGBlock", "fast": "repvgg:FastRepVGGBlock"},
     "qarepvgg": {"exact": "qarepvgg:QARepVGGBlock"},
 }
+BUILTIN_VARIANTS = tuple(f"{kind}-{mode}" for kind, modes in BUILTIN_KINDS.items() for mode in modes)  # "acb-exact", ...
 
 FILE_FORMATS = ("acified", "plain", "original")  # what a checkpoint file holds (its "acnet.format" entry)
 ARTIFACT_FORMATS = ("onnx", "pt2", "torchscript")  # what `acnet export` writes

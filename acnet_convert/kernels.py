@@ -1,7 +1,7 @@
 """The ACNet algebra: pure functions on kernels and BatchNorm statistics.
 
 Every function works in the dtype it is given (float64 for a fusion, the training dtype for a
-differentiable equivalent kernel) and on any number of spatial dimensions (kernel layout
+differentiable equivalent kernel) and on any number of spatial dimensions (weight shape
 ``(out, in/groups, *spatial)``), so 2D and 3D blocks share it.
 """
 

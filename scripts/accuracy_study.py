@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from acnet_convert import ACNetError, acify, deploy, quant_report
-from acnet_convert.constants import BUILTIN_KINDS
+from acnet_convert.constants import BUILTIN_VARIANTS as KIND_MODES
 from acnet_convert.demo.experiment import (
     Recipe,
     Split,
@@ -48,7 +48,6 @@ from acnet_convert.demo.experiment import (
 from acnet_convert.demo.models import CifarResNet, SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
-KIND_MODES = tuple(f"{kind}-{mode}" for kind, modes in BUILTIN_KINDS.items() for mode in modes)
 KIND_NOTES = {
     "acb-exact": "the ACNet paper's block: KxK, 1xK and Kx1 convs, each with its BatchNorm, summed",
     "acb-fast": "one conv per forward whose kernel is composed from scaled KxK, 1xK and Kx1 kernels; the BatchNorm "

@@ -17,8 +17,9 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from acnet_convert.constants import BUILTIN_VARIANTS as KIND_MODES
+
 MiB = 2**20
-KIND_MODES = ("acb-exact", "acb-fast", "dbb-exact", "dbb-fast", "repvgg-exact", "repvgg-fast", "qarepvgg-exact")
 
 
 @dataclass

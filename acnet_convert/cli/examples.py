@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..constants import DEVICES
 from ..errors import ACNetError, first_line
 from .options import InputOptions
 
@@ -30,10 +31,10 @@ class Examples:
     @classmethod
     def given(cls, options: InputOptions) -> Examples:
         """The inputs the command line names: shapes parsed, the inputs file read, the device checked."""
-        from ..files.inputs import check_device, load_inputs, parse_shape
+        from ..files.inputs import load_inputs
 
-        check_device(options.device)
-        shapes = [parse_shape(text) for text in options.input_shape] if options.input_shape else None
+        _check_device(options.device)
+        shapes = [_parse_shape(text) for text in options.input_shape] if options.input_shape else None
         real = load_inputs(options.inputs) if options.inputs else None
         return cls(shapes, real, options.inputs, options.device)
 
@@ -98,3 +99,25 @@ def _dtype(model: nn.Module) -> torch.dtype:
     import torch
 
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,224,224' (or '1x3x224x224') as a tuple of positive ints."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(size <= 0 for size in shape):
+        raise ACNetError(f"bad --input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,224,224")
+    return shape
+
+
+def _check_device(device: str) -> str:
+    """``device`` when this machine has it; ``ACNetError`` otherwise."""
+    if device not in DEVICES:
+        raise ACNetError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ACNetError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    return device

@@ -85,6 +85,9 @@ def epilog(*examples: str, note: str = "") -> str:
     return "\n\n".join(["Examples:", *(f"  {example}" for example in examples), *([note] if note else [])])
 
 
+LIBRARY_ARGUMENTS = {"choose one with key=": "choose one with --checkpoint-key", "pass force=True": "pass --force"}
+
+
 @contextlib.contextmanager
 def as_flags(flags: Mapping[str, str]) -> Iterator[None]:
     """Library errors with the Python names in ``flags`` replaced by the command line's flags."""
@@ -126,6 +129,8 @@ def guarded(command: Callable[..., None], name: str) -> Callable[..., None]:
             error, message, code = exc, str(exc), EXIT_FAILED
         except ACNetError as exc:
             error, message, code = exc, str(exc), EXIT_INPUT
+            for argument, flag in LIBRARY_ARGUMENTS.items():  # the library names Python arguments
+                message = message.replace(argument, flag)
         except KeyboardInterrupt as exc:
             error, message, code = exc, "interrupted", EXIT_INTERRUPTED
         except typer.Exit:

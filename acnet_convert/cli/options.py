@@ -16,7 +16,7 @@ from ..constants import (
     BUILTIN_KINDS, DEFAULT_GAMMA, DEFAULT_KIND, DEFAULT_MIN_KERNEL, DEVICES, FILE_FORMATS, INITS, MODES,
 )  # fmt: skip
 from ..errors import ACNetError
-from ..files.spec import FORMS
+from .spec import FORMS
 
 
 def option(*names: str, text: str, metavar: str | None = None, **kwargs) -> typer.models.OptionInfo:
@@ -91,7 +91,7 @@ Mode = Annotated[
 ]
 DeployedFormat = Annotated[
     Literal[tuple(form for form in FILE_FORMATS if form != "acified")],  # the formats of deployed weights
-    option("--format", text="plain (default) or original: the layout of the weights written (see below)."),
+    option("--format", text="plain (default) or original: the form of the weights written (see below)."),
 ]
 InputShape = Annotated[
     list[str] | None,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ACNetError
-from ..files.spec import ModelSpec
+from .spec import ModelSpec
 from .examples import Examples
 from .options import Structure, acify_options, flag
 from .session import Session

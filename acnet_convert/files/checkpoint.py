@@ -165,8 +165,7 @@ def _unwrap(obj: object, path: Path, key: str | None = None) -> dict[str, Tensor
         else:
             if len(entries) > 1:
                 raise ACNetError(
-                    f"{path} holds several state_dicts ({', '.join(entries)}): choose one with --checkpoint-key "
-                    f"(key= in Python)"
+                    f"{path} holds several state_dicts ({', '.join(entries)}): choose one with key="
                 )
     if not isinstance(obj, Mapping) or not obj:
         raise ACNetError(f"{path} holds a {type(obj).__name__}, not a state_dict: save model.state_dict()")
@@ -193,7 +192,7 @@ def ensure_writable(path: str | Path, *, force: bool = False) -> Path:
         raise ACNetError(f"{path} is a directory: give a file name")
     if path.exists() and not force:
         raise ACNetError(
-            f"{path} already exists: pass --force (force=True in Python) to overwrite it, or choose another name"
+            f"{path} already exists: pass force=True to overwrite it, or choose another name"
         )
     if not path.parent.is_dir():
         raise ACNetError(f"directory {path.parent} does not exist: create it first")
@@ -213,7 +212,7 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         if not tmp.is_file():
             raise ACNetError(f"nothing was written for {path}")
         if path.exists() and not force:
-            raise ACNetError(f"{path} appeared while writing: pass --force (force=True in Python) to overwrite it")
+            raise ACNetError(f"{path} appeared while writing: pass force=True to overwrite it")
         tmp.chmod(0o666 & ~_umask())  # some writers create private files; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
@@ -226,7 +225,7 @@ def _umask() -> int:
     return mask
 
 
-def file_kind(path: str | Path) -> str:
+def serialization(path: str | Path) -> str:
     """'safetensors' or 'torch', from the name of a checkpoint to write."""
     container = SUFFIXES.get(Path(path).suffix)
     if container is None:
@@ -247,7 +246,7 @@ def write(
     ``.pt`` file is a bare state_dict, so that deployment code loads it with ``torch.load`` alone.
     """
     path = Path(path)
-    container = file_kind(path)
+    container = serialization(path)
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, Tensor)]
     if not_tensors:
         raise ACNetError(f"{', '.join(not_tensors[:_LISTED])} in the state_dict are not tensors and cannot be written")

@@ -7,19 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..constants import DEVICES
 from ..errors import ACNetError
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,3,224,224' (or '1x3x224x224') as a tuple of positive ints."""
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(size <= 0 for size in shape):
-        raise ACNetError(f"bad --input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,224,224")
-    return shape
 
 
 def random_inputs(
@@ -50,15 +38,6 @@ def load_inputs(path: str | Path) -> tuple[Tensor, ...]:
             f"{path} holds a {type(loaded).__name__}: save a tensor or a tuple of tensors, one per model input"
         )
     return inputs
-
-
-def check_device(device: str) -> str:
-    """``device`` when this machine has it; ``ACNetError`` otherwise."""
-    if device not in DEVICES:
-        raise ACNetError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ACNetError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
-    return device
 
 
 def shape_text(shapes: list[tuple[int, ...]]) -> str:

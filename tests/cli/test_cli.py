@@ -26,7 +26,7 @@ from acnet_convert.files import export as export_module
 from acnet_convert.files.checkpoint import metadata, read, write
 from acnet_convert.cli import app
 from acnet_convert.cli.options import acify_options
-from acnet_convert.files.spec import ModelSpec
+from acnet_convert.cli.spec import ModelSpec
 
 MODEL = '''
 import torch.nn.functional as F

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from acnet_convert.files.spec import ModelSpec
+from acnet_convert.cli.spec import ModelSpec
 from test_cli_features import MODEL, acnet, one_error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from acnet_convert import deploy, load, save_weights
 from acnet_convert.cli import app
 from acnet_convert.constants import BUILTIN_KINDS
-from acnet_convert.files.spec import ModelSpec
+from acnet_convert.cli.spec import ModelSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -173,7 +173,7 @@ def test_atomic_output_leaves_nothing_behind_on_failure(tmp_path):
 def test_existing_output_needs_force(tmp_path):
     target = tmp_path / "out.pt"
     target.write_bytes(b"keep me")
-    with pytest.raises(ACNetError, match=r"already exists: pass --force \(force=True in Python\)"):
+    with pytest.raises(ACNetError, match=r"already exists: pass force=True to overwrite it"):
         write(target, Net().state_dict())
     assert target.read_bytes() == b"keep me"
     write(target, Net().state_dict(), force=True)

@@ -57,7 +57,7 @@ def main(
 
     parsed = model_spec(session, spec, arg)
     target = checkpoint.ensure_writable(out_file or f"{parsed.stem}.acnet.safetensors", force=force)
-    checkpoint.file_kind(target)
+    checkpoint.serialization(target)
     options = acify_options({}, block=block_choice(block), init=init, gamma_init=gamma_init, structure=structure)
     examples = Examples.given(inputs)
     with session.spinner(f"converting {spec}"):

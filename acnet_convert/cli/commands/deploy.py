@@ -50,7 +50,7 @@ def main(
 
     loaded = restore(session, spec, weights, checkpoint_key, arg, structure, Examples.given(inputs))
     target = checkpoint.ensure_writable(out_file or f"{loaded.spec.stem}.deployed.safetensors", force=force)
-    checkpoint.file_kind(target)
+    checkpoint.serialization(target)
     acified = loaded.require("acified", "pass the acified checkpoint, trained")
     with session.spinner("fusing and checking"), loaded.examples.errors():
         deployed = deploy(acified)

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from acnet_convert import ACNetError
-from acnet_convert.files.spec import ModelSpec, parse_args
+from acnet_convert.cli.spec import ModelSpec, parse_args
 
 NET = """
 from torch import nn
