@@ -10,7 +10,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .analysis import (
-    NEEDS_EXAMPLE_RUN, BlockChoice, Plan, PlanOptions, Site, analyze, batchnorm_part, conv_adapter, norm_tail,
+    NEEDS_EXAMPLE_RUN,
+    BlockChoice,
+    Plan,
+    PlanOptions,
+    Site,
+    analyze,
+    batchnorm_part,
+    conv_adapter,
+    norm_tail,
     plain_conv,
 )  # fmt: skip
 from .blocks import BLOCK_CONVS, PaddedBlock, block_class, is_block, resolve_padding

@@ -17,7 +17,8 @@ BUILTIN_KINDS = {
     "repvgg": {"exact": "repvgg:RepVGGBlock", "fast": "repvgg:FastRepVGGBlock"},
     "qarepvgg": {"exact": "qarepvgg:QARepVGGBlock"},
 }
-BUILTIN_VARIANTS = tuple(f"{kind}-{mode}" for kind, modes in BUILTIN_KINDS.items() for mode in modes)  # "acb-exact", ...
+# "acb-exact", "acb-fast", ...: every built-in kind in each of its modes
+BUILTIN_VARIANTS = tuple(f"{kind}-{mode}" for kind, modes in BUILTIN_KINDS.items() for mode in modes)
 
 FILE_FORMATS = ("acified", "plain", "original")  # what a checkpoint file holds (its "acnet.format" entry)
 ARTIFACT_FORMATS = ("onnx", "pt2", "torchscript")  # what `acnet export` writes

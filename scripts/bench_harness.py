@@ -17,8 +17,6 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from acnet_convert.constants import BUILTIN_VARIANTS as KIND_MODES
-
 MiB = 2**20
 
 

@@ -17,8 +17,8 @@ import torch
 import torchvision
 
 from acnet_convert import acify, load, save_weights
-from acnet_convert.files.checkpoint import read
 from acnet_convert.api import apply_plan
+from acnet_convert.files.checkpoint import read
 
 
 def main() -> None:

@@ -63,20 +63,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def randomize_bn(model: torch.nn.Module, *inputs, steps: int = 3) -> None:
-    """Give every BatchNorm random affine parameters and non-trivial running statistics."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-        was_training = model.training
-        model.train()
-        for _ in range(steps):
-            model(*inputs)
-        model.train(was_training)
-
-
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 

@@ -12,8 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import Kernel, avg_pool_kernel, bn_zero_output, compose_1x1_kxk, compose_1x1_kxk_weight, embed_centre, \
-    fold_bn, identity_kernel, scaled  # fmt: skip
+from ..kernels import (
+    Kernel,
+    avg_pool_kernel,
+    bn_zero_output,
+    compose_1x1_kxk,
+    compose_1x1_kxk_weight,
+    embed_centre,
+    fold_bn,  # fmt: skip
+    identity_kernel,
+    scaled,
+)
 from .branches import ConvBranch, new_bn, plain_conv_problem, pointwise_branch
 from .forms import ComposedKernel, SummedBranches
 from .geometry import conv_padding, pad_like_conv

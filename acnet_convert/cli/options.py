@@ -13,7 +13,14 @@ from typing import Annotated, ClassVar, Literal
 import typer
 
 from ..constants import (
-    BUILTIN_KINDS, DEFAULT_GAMMA, DEFAULT_KIND, DEFAULT_MIN_KERNEL, DEVICES, FILE_FORMATS, INITS, MODES,
+    BUILTIN_KINDS,
+    DEFAULT_GAMMA,
+    DEFAULT_KIND,
+    DEFAULT_MIN_KERNEL,
+    DEVICES,
+    FILE_FORMATS,
+    INITS,
+    MODES,
 )  # fmt: skip
 from ..errors import ACNetError
 from .spec import FORMS

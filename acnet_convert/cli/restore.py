@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ACNetError
-from .spec import ModelSpec
 from .examples import Examples
 from .options import Structure, acify_options, flag
 from .session import Session
+from .spec import ModelSpec
 
 if TYPE_CHECKING:
     from torch import nn

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torchvision
+from test_reasons import Odd
 
 from acnet_convert import acify, plan
 from acnet_convert.analysis import CODES
-from test_reasons import Odd
 
 TESTS = Path(__file__).parents[1]
 RECORDED = json.loads((TESTS / "fixtures" / "v0.2.0" / "reasons.json").read_text())

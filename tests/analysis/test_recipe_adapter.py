@@ -8,12 +8,12 @@ a conv of that subclass that computes exactly what the block did.
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_bn
 from torch import nn
 
 from acnet_convert import acify, deploy, plan, register_conv_adapter, register_norm_adapter, verify
 from acnet_convert.analysis import adapters
 from acnet_convert.modules import class_path
-from conftest import randomize_bn
 
 
 class StaticSamePadConv(nn.Conv2d):

@@ -5,10 +5,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_bn
 from torch import nn
 
 from acnet_convert import ACBlock, ACNetError, acify, deploy, plan, verify
-from conftest import randomize_bn
 
 
 def conv(cin=3, cout=8, k=3, **kw):

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from helpers import randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from roundtrip import check_round_trip, output_sum
 from torch import nn
 from torchvision.models import video
 
 from acnet_convert import ACBlock, acify, deploy, plan, verify
-from conftest import randomize_bn
-from roundtrip import check_round_trip, output_sum
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # max abs error / max(1, max |y|)
 

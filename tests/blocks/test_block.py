@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from acnet_convert import ACBlock, ACNetError, acify, deploy
-from conftest import randomize_bn
 
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from acnet_convert import ACBlock, ACNetError, FastACBlock, acify, deploy, plan, verify
 from acnet_convert.blocks.geometry import branch_geometry, pad_like_conv, resolve_padding
-from conftest import randomize_bn
 
 
 @st.composite

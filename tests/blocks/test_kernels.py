@@ -3,7 +3,13 @@ import torch
 from torch import nn
 
 from acnet_convert.kernels import (
-    avg_pool_kernel, bn_zero_output, centre_slices, compose_1x1_kxk, fold_bn, identity_kernel, sum_branches,
+    avg_pool_kernel,
+    bn_zero_output,
+    centre_slices,
+    compose_1x1_kxk,
+    fold_bn,
+    identity_kernel,
+    sum_branches,
 )
 
 

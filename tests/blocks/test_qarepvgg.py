@@ -5,15 +5,19 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
+from reparam_cases import (
+    assert_gradients_reach_every_kernel_and_scale,
+    check_exact_fusion,
+    check_preserve,
+    conv_configs,
+    randomize_bn,
+    relative_error,
+)  # fmt: skip
 from torch import nn
 
 from acnet_convert import ACNetError, acify, deploy
 from acnet_convert.blocks.qarepvgg import QARepVGGBlock
 from acnet_convert.blocks.registry import block_class
-from reparam_cases import (
-    assert_gradients_reach_every_kernel_and_scale, check_exact_fusion, check_preserve, conv_configs, randomize_bn,
-    relative_error,
-)  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

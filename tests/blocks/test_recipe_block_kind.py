@@ -1,14 +1,9 @@
 """The recipe "add a built-in block kind", followed on a copy of the package: one new module, one line in a table."""
 
-import filecmp
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import acnet_convert
-
-PACKAGE = Path(acnet_convert.__file__).parent
+from helpers import changed_files, copy_package
 
 # Step 1: the kind's module in acnet_convert/blocks/, built on the shared machinery.
 KIND_MODULE = '''"""A KxK conv plus a 1x1 conv on its centre tap, each with a BatchNorm, summed."""
@@ -88,21 +83,9 @@ print("recipe ok")
 '''
 
 
-def changed_files(original: Path, copy: Path) -> list[str]:
-    """The files added, changed or removed in ``copy`` with respect to ``original`` (bytecode caches ignored)."""
-
-    def files(root: Path) -> set[Path]:
-        return {p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-
-    before, after = files(original), files(copy)
-    changed = (before ^ after) | {p for p in before & after if not filecmp.cmp(original / p, copy / p, shallow=False)}
-    return sorted(p.as_posix() for p in changed)
-
-
 def test_a_built_in_kind_is_one_module_and_one_table_line(tmp_path):
     root = tmp_path / "source"
-    copy = root / "acnet_convert"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    copy = copy_package(root)
 
     (copy / "blocks" / "pointwise.py").write_text(KIND_MODULE)
     constants = copy / "constants.py"
@@ -111,7 +94,7 @@ def test_a_built_in_kind_is_one_module_and_one_table_line(tmp_path):
     end = text.index("\n}\n", table) + 1
     constants.write_text(text[:end] + KIND_LINE + text[end:])
 
-    assert changed_files(PACKAGE, copy) == ["blocks/pointwise.py", "constants.py"]
+    assert changed_files(copy) == ["blocks/pointwise.py", "constants.py"]
     run = subprocess.run([sys.executable, "-c", CHECKS, str(root)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr + run.stdout

@@ -4,15 +4,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
+from reparam_cases import (
+    assert_gradients_reach_every_kernel_and_scale,
+    check_exact_fusion,
+    check_preserve,
+    conv_and_input,
+    conv_as,
+    conv_configs,
+    padded,
+    randomize_bn,
+    randomize_scales,
+    relative_error,
+)  # fmt: skip
 from torch import nn
 
 from acnet_convert import ACNetError, acify, deploy
 from acnet_convert.blocks.registry import block_class
 from acnet_convert.blocks.repvgg import FastRepVGGBlock, RepVGGBlock
-from reparam_cases import (
-    assert_gradients_reach_every_kernel_and_scale, check_exact_fusion, check_preserve, conv_and_input, conv_as,
-    conv_configs, padded, randomize_bn, randomize_scales, relative_error,
-)  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from test_cli_features import MODEL, acnet, one_error_line
 
 from acnet_convert.cli.spec import ModelSpec
-from test_cli_features import MODEL, acnet, one_error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

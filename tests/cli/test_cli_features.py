@@ -12,12 +12,13 @@ from pathlib import Path
 import onnxruntime
 import pytest
 import torch
+from helpers import command_names
 from typer.testing import CliRunner
 
 from acnet_convert import deploy, load, save_weights
 from acnet_convert.cli import app
-from acnet_convert.constants import BUILTIN_KINDS
 from acnet_convert.cli.spec import ModelSpec
+from acnet_convert.constants import BUILTIN_KINDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,7 +238,7 @@ def test_a_block_kind_registered_by_the_model_file_end_to_end(tmp_path):
 
 # ---- help, choices and usage errors ----
 
-COMMANDS = ["inspect", "convert", "deploy", "verify", "export", "quantcheck", "demo"]
+COMMANDS = command_names(app)
 CHOICES = {"--mode": ("exact", "fast"), "--init": ("preserve", "scratch"), "--format": ("plain", "original"),
            "--device": ("cpu", "cuda")}  # fmt: skip
 

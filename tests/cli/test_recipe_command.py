@@ -6,13 +6,10 @@ The recipe (docs/cli.md has a section per command as well):
   2. add ``add_command(app, "NAME")`` to ``acnet_convert/cli/app.py`` where --help should list it.
 """
 
-import filecmp
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import acnet_convert
+from helpers import changed_files, copy_package
 
 KINDS_COMMAND = '''"""``acnet kinds``: the registered block kinds."""
 
@@ -32,23 +29,13 @@ def main(session: Session) -> None:
 PLACES_IN_THE_RECIPE = 2
 
 
-def changed_files(original: Path, copy: Path) -> list[str]:
-    """The files of ``copy`` that are new or differ from ``original`` (caches left out)."""
-    files = [p for p in copy.rglob("*.py") if "__pycache__" not in p.parts]
-    return sorted(str(p.relative_to(copy)) for p in files
-                  if not (original / p.relative_to(copy)).is_file()
-                  or not filecmp.cmp(p, original / p.relative_to(copy), shallow=False))  # fmt: skip
-
-
 def test_a_new_command_is_one_module_and_one_wiring_line(tmp_path):
-    package = Path(acnet_convert.__file__).parent
-    copy = tmp_path / "acnet_convert"
-    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    copy = copy_package(tmp_path)
     (copy / "cli" / "commands" / "kinds.py").write_text(KINDS_COMMAND)
     app_module = copy / "cli" / "app.py"
     app_module.write_text(app_module.read_text() + 'add_command(app, "kinds")\n')
-    assert changed_files(package, copy) == ["cli/app.py", "cli/commands/kinds.py"]
-    assert len(changed_files(package, copy)) == PLACES_IN_THE_RECIPE
+    assert changed_files(copy) == ["cli/app.py", "cli/commands/kinds.py"]
+    assert len(changed_files(copy)) == PLACES_IN_THE_RECIPE
 
     def acnet(*args: str) -> subprocess.CompletedProcess:
         probe = f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom acnet_convert.cli import app\n"

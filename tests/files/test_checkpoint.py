@@ -12,7 +12,6 @@ from torch import nn
 from acnet_convert import ACBlock, ACNetError, acify, deploy, original_state_dict, verify
 from acnet_convert.files.checkpoint import atomic_output, load_strict, metadata, read, write
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from helpers import cli_surface
 from typer.testing import CliRunner
 
-from acnet_convert import deploy, load, original_state_dict, plan
+from acnet_convert import deploy, load, original_state_dict
 from acnet_convert.cli import app
-from cli_surface import cli_surface
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 V020 = FIXTURES / "v0.2.0"
@@ -57,10 +57,11 @@ def test_the_command_line_deploys_a_020_cli_checkpoint(tmp_path, monkeypatch):
     shutil.copy(FIXTURES / "models.py", tmp_path / "models.py")
     shutil.copy(V020 / "cli_convert.safetensors", tmp_path / "run.safetensors")
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["deploy", "models.py:TinyNet", "-w", "run.safetensors", "--out", "plain.safetensors", "--quiet"])
+    trained = ["models.py:TinyNet", "-w", "run.safetensors"]
+    result = CliRunner().invoke(app, ["deploy", *trained, "--out", "plain.safetensors", "--quiet"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "plain.safetensors").exists()
-    result = CliRunner().invoke(app, ["verify", "models.py:TinyNet", "-w", "run.safetensors", "--deployed", "plain.safetensors", "--quiet"])
+    result = CliRunner().invoke(app, ["verify", *trained, "--deployed", "plain.safetensors", "--quiet"])
     assert result.exit_code == 0, result.output
 
 

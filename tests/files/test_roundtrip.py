@@ -10,13 +10,13 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 import torchvision
+from roundtrip import calibrate_bn
 from torch import nn
 from typer.testing import CliRunner
 
 from acnet_convert import ACBlock, ACNetError, acify, deploy, load, original_state_dict, plan, save_weights, verify
-from acnet_convert.files.checkpoint import metadata, read, write
 from acnet_convert.cli import app
-from roundtrip import calibrate_bn
+from acnet_convert.files.checkpoint import metadata, read, write
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

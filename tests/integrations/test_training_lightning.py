@@ -11,8 +11,8 @@ from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from acnet_convert import ACBlock, ACNetError, FastACBlock, acify, deploy, verify  # noqa: E402
-from acnet_convert.integrations.lightning import ACNetCallback  # noqa: E402
 from acnet_convert.demo.models import SmallCNN  # noqa: E402
+from acnet_convert.integrations.lightning import ACNetCallback  # noqa: E402
 
 
 class Classifier(pl.LightningModule):

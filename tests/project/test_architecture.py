@@ -129,7 +129,8 @@ def test_the_command_line_imports_no_torch():
 
 def test_the_contributors_page_lists_every_module_with_its_docstring():
     """Each module has a row in docs/architecture.md naming it and quoting its docstring's first paragraph."""
-    rows = [line for line in (ROOT / "docs" / "architecture.md").read_text().splitlines() if line.startswith("| `acnet")]
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| `acnet")]
     wanted = []
     for path in modules().values():
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from roundtrip import calibrate_bn, eligible_convs, output_sum
 from torch import nn
 
 from acnet_convert import acify, deploy, original_state_dict, plan, verify
 from acnet_convert.blocks.padded import PaddedBlock
 from acnet_convert.blocks.registry import is_block
-from roundtrip import calibrate_bn, eligible_convs, output_sum
 
 timm = pytest.importorskip("timm")
 

@@ -9,8 +9,19 @@ from ...constants import DEFAULT_GAMMA, INITS
 from ..examples import Examples
 from ..framework import NothingConverted, epilog
 from ..options import (
-    Args, Block, CheckInputs, CheckpointKey, Force, GammaInit, Init, Rtol, Spec, Structure, acify_options,
-    block_choice, option,
+    Args,
+    Block,
+    CheckInputs,
+    CheckpointKey,
+    Force,
+    GammaInit,
+    Init,
+    Rtol,
+    Spec,
+    Structure,
+    acify_options,
+    block_choice,
+    option,
 )  # fmt: skip
 from ..render import nothing_converted, raise_failed, report_plan
 from ..restore import acified, check_block, load_original_weights, model_spec

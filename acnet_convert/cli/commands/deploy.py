@@ -8,7 +8,16 @@ from typing import Annotated
 from ..examples import Examples
 from ..framework import epilog
 from ..options import (
-    Args, CheckInputs, CheckpointKey, DeployedFormat, Force, Rtol, Spec, Structure, TrainedWeights, option,
+    Args,
+    CheckInputs,
+    CheckpointKey,
+    DeployedFormat,
+    Force,
+    Rtol,
+    Spec,
+    Structure,
+    TrainedWeights,
+    option,
 )  # fmt: skip
 from ..render import quant_summary, raise_failed
 from ..restore import restore
