@@ -17,7 +17,10 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from acnet_convert.constants import BUILTIN_VARIANTS
+
 MiB = 2**20
+KIND_MODES = BUILTIN_VARIANTS  # every built-in kind in each of its modes, in the order the pages list them
 
 
 @dataclass

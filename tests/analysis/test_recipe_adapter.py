@@ -8,7 +8,7 @@ a conv of that subclass that computes exactly what the block did.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn
+from testkit import randomize_bn
 from torch import nn
 
 from acnet_convert import acify, deploy, plan, register_conv_adapter, register_norm_adapter, verify

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn
+from testkit import randomize_bn
 from torch import nn
 
 from acnet_convert import ACBlock, ACNetError, acify, deploy, plan, verify

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import randomize_bn
+from testkit import randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from roundtrip import check_round_trip, output_sum

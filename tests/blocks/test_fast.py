@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn
+from testkit import randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

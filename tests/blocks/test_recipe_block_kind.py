@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from helpers import changed_files, copy_package
+from testkit import changed_files, copy_package
 
 # Step 1: the kind's module in acnet_convert/blocks/, built on the shared machinery.
 KIND_MODULE = '''"""A KxK conv plus a 1x1 conv on its centre tap, each with a BatchNorm, summed."""

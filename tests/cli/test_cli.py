@@ -18,7 +18,7 @@ import onnxruntime
 import pytest
 import safetensors.torch
 import torch
-from helpers import command_names
+from testkit import command_names
 from typer.testing import CliRunner
 
 from acnet_convert import __version__, acify, deploy, plan, verify

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime
 import pytest
 import torch
-from helpers import command_names
+from testkit import command_names
 from typer.testing import CliRunner
 
 from acnet_convert import deploy, load, save_weights

@@ -9,7 +9,7 @@ The recipe (docs/cli.md has a section per command as well):
 import subprocess
 import sys
 
-from helpers import changed_files, copy_package
+from testkit import changed_files, copy_package
 
 KINDS_COMMAND = '''"""``acnet kinds``: the registered block kinds."""
 

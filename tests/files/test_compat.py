@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from helpers import cli_surface
+from testkit import cli_surface
 from typer.testing import CliRunner
 
 from acnet_convert import deploy, load, original_state_dict

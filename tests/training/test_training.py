@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import randomize_bn
+from testkit import randomize_bn
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
