@@ -134,7 +134,7 @@ def _read_torch(path: Path, key: str | None = None) -> Checkpoint:
 def _unreadable(path: Path, reason: str) -> ACNetError:
     return ACNetError(
         f"{path} is not a readable PyTorch or safetensors checkpoint ({reason}): "
-        "it may be truncated or another kind of file"
+        "it may be truncated, or not a checkpoint at all"
     )
 
 
