@@ -102,6 +102,10 @@ def expected_kinds(model: nn.Module, kind: str) -> dict[str, str]:
     return expected
 
 
+# Over 60 M parameters, or the slowest of a family: one after another on one worker, and only ACB on them (each
+# family has a smaller member on which every kind is checked).
+LARGEST = {"regnet_y_128gf", "vit_h_14", "regnet_y_32gf", "regnet_x_32gf", "vit_l_16", "vit_l_32", "convnext_large",
+           "wide_resnet101_2", "efficientnet_b7"}  # fmt: skip
 LARGEST_CONVS = 100_000_000  # conv weights above which only the first eight eligible convs are converted (memory)
 
 

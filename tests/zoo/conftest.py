@@ -2,9 +2,7 @@
 largest models all on one worker, one after another (two of them at once would not fit in memory)."""
 
 import pytest
-
-LARGEST = {"regnet_y_128gf", "vit_h_14", "regnet_y_32gf", "regnet_x_32gf", "vit_l_16", "vit_l_32", "convnext_large",
-           "wide_resnet101_2", "efficientnet_b7"}  # over 60 M parameters, or the slowest of a family  # fmt: skip
+from roundtrip import LARGEST
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
