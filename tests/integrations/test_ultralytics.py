@@ -416,10 +416,12 @@ def test_a_plain_acify_fuses_exactly_with_ultralytics_own_fuse(env, cfg):
     x = torch.rand(2, 3, IMGSZ, IMGSZ, dtype=torch.float64)
     with torch.no_grad():
         want = model(x)[0]
+        deployed = deploy(model).fuse(verbose=False)               # a deployed model fuses too
         fused = model.fuse(verbose=False)
         got = fused(x)[0]
-    assert fused is model and count_blocks(fused) == 0 and fused.is_fused()
+    assert fused is model and count_blocks(fused) == 0 and fused.is_fused() and deployed.is_fused()
     assert relative(got, want) <= 1e-8                             # float64 on both sides
+    assert relative(deployed(x)[0], want) <= 1e-8
 
 
 def test_a_plain_acify_of_yolo_model_predicts_and_validates(env):
