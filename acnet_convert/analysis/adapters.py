@@ -1,4 +1,4 @@
-"""Adapters: the one place that knows conv and BatchNorm classes which do more than a plain conv or BatchNorm.
+"""Adapters: the one place that knows conv, BatchNorm and model classes which do more than a plain one.
 
 A norm adapter names what a BatchNorm subclass does after normalising (timm's ``BatchNormAct2d``: dropout, then
 the activation): the BatchNorm part is absorbed into the block and those modules stay at the BatchNorm's place.
