@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import randomize_bn
 from torch import nn
 
 from acnet_convert import ACNetError, deploy
@@ -30,7 +31,7 @@ CONFIGS = {  # tiny configs of four architectures; MobileNetV2 pads with a helpe
     "efficientnet": lambda: transformers.EfficientNetConfig(width_coefficient=0.1, depth_coefficient=0.1,
                                                             hidden_dim=128, image_size=32, num_labels=3),
     "convnext": lambda: transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
-                                                    image_size=32, num_labels=3),
+                                                    layer_scale_init_value=1.0, image_size=32, num_labels=3),
 }  # fmt: skip
 
 
@@ -88,9 +89,13 @@ def run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
     model = transformers.AutoModelForImageClassification.from_config(CONFIGS[request.param]())
+    data = Images(model.config.num_channels)
+    for m in model.modules():  # HF's weights of std 0.02 (BatchNorms' too) let the signal of so narrow a model vanish
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+    randomize_bn(model, data.pixels[:4])
     original = copy.deepcopy(model)
     callback = ACNetCallback(out=root / "deployed", init="scratch")
-    data = Images(model.config.num_channels)
     trainer = transformers.Trainer(model=model, args=arguments(root / "run"), train_dataset=data, callbacks=[callback])
     trainer.train()
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -132,7 +137,8 @@ def test_save_pretrained_original_format_loads_into_the_unmodified_class(run, tm
     x = torch.randn(2, run.original.config.num_channels, 32, 32)
     with torch.no_grad():
         want, got = run.callback.deployed.eval()(x).logits, loaded.eval()(x).logits
-    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5           # float32 on both sides
+    assert (want[0] - want[1]).abs().max() > 0.01 * want.abs().max()             # the outputs depend on the input
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4           # float32 on both sides
 
     trained = copy.deepcopy(run.trained).double()
     save_original(trained, tmp_path / "float64")
