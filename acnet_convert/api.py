@@ -144,7 +144,7 @@ class OwnFusion:
         for site in getattr(model, PLAN_ATTR).converted:
             if site.bn:
                 _restore_bn(model, site)
-        del model.__dict__[method]
+        model.__dict__.pop(method, None)
         return getattr(model, method)(*args, **kwargs)
 
 
