@@ -27,14 +27,12 @@ CONFIG_KEY = "acnet_plan"  # the attribute of the model's config (a key of confi
 INITIAL = ("init", "gamma_init")  # acify options that only set the initial weights
 
 
-def example_inputs(model: PreTrainedModel) -> tuple[torch.Tensor]:
-    """A zero batch of ``pixel_values`` as the model's config describes them: ``num_channels`` x ``image_size``."""
+def example_inputs(model: PreTrainedModel) -> tuple[torch.Tensor] | None:
+    """A zero batch of ``pixel_values`` as the model's config describes them (``num_channels`` x ``image_size``), or
+    None when it names no size."""
     channels, size = getattr(model.config, "num_channels", None), getattr(model.config, "image_size", None)
     if not channels or not size:
-        raise ACNetError(
-            f"the config of this {type(model).__name__} names no num_channels and image_size: "
-            "pass example_inputs=(a batch of pixel_values,)"
-        )
+        return None
     height, width = (size, size) if isinstance(size, int) else size
     weight = next(model.parameters())
     return (torch.zeros(1, channels, height, width, dtype=weight.dtype, device=weight.device),)
@@ -45,7 +43,8 @@ def acify_model(model: PreTrainedModel, **options: Any) -> PreTrainedModel:
 
     A config that records a plan already (the model was built from a checkpoint's config) gets that plan's blocks,
     whatever ``options`` say, so that the checkpoint's weights fit.  Without ``example_inputs`` the model runs once
-    on a zero batch its config describes, so that convs in code torch.fx cannot trace are analysed too.
+    on a zero batch its config describes (when it gives ``image_size``), so that convs in code torch.fx cannot trace
+    are analysed too.
     """
     check_acify_options(options)
     if not isinstance(model, PreTrainedModel):

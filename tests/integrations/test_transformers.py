@@ -179,9 +179,16 @@ def test_user_errors_name_the_fix(tmp_path):
     with pytest.raises(ACNetError, match="before building the optimizer"):
         transformers.Trainer(model=model, args=arguments(tmp_path), callbacks=[ACNetCallback()],
                              optimizers=(optimizer, None))  # fmt: skip
-    del model.config.image_size
-    with pytest.raises(ACNetError, match="pass example_inputs"):
-        acify_model(model)
+
+
+def test_a_config_without_image_size_is_analysed_by_torch_fx():
+    from acnet_convert.integrations.transformers import acify_model
+
+    model = transformers.AutoModelForImageClassification.from_config(CONFIGS["resnet"]())
+    del model.config.image_size                                    # as in ResNetConfig(), RegNetConfig()
+    eligible = eligible_convs(model)
+    assert count_blocks(acify_model(model)) == eligible > 0
+    assert all(site.evidence == "fx" for site in model.acnet_plan.converted)
 
 
 def test_importing_acnet_convert_does_not_import_transformers():
