@@ -424,7 +424,7 @@ def test_a_plain_acify_fuses_exactly_with_ultralytics_own_fuse(env, cfg):
     assert relative(deployed(x)[0], want) <= 1e-8
 
 
-def test_a_plain_acify_of_yolo_model_predicts_and_validates(env):
+def test_a_plain_acify_of_yolo_model_validates_predicts_and_exports(env):
     from ultralytics import YOLO
 
     from acnet_convert import acify
@@ -437,3 +437,12 @@ def test_a_plain_acify_of_yolo_model_predicts_and_validates(env):
     assert len(yolo.predict(np.zeros((IMGSZ, IMGSZ, 3), np.uint8), name="predict", **outputs)) == 1
     predicting = yolo.predictor.model.model                        # what Ultralytics fused to predict with
     assert count_blocks(predicting) == 0 and predicting.is_fused()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        want = yolo.model.eval()(x)[0]
+    onnx = yolo.export(format="onnx", imgsz=IMGSZ, device="cpu", simplify=False)   # fuses a copy of the model
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert relative(got, want) <= 1e-4                             # ONNX Runtime vs the blocks, float32
