@@ -20,11 +20,11 @@ from ..analysis import Plan
 from ..api import PLAN_ATTR, acify, apply_plan, deploy
 from ..blocks import has_blocks
 from ..errors import ACNetError
+from ..files.rebuild import NOT_STRUCTURE
 from ..files.roundtrip import original_state_dict
 from ..training import check_acify_options
 
 CONFIG_KEY = "acnet_plan"  # the attribute of the model's config (a key of config.json) that records the plan
-INITIAL = ("init", "gamma_init")  # acify options that only set the initial weights
 
 
 def example_inputs(model: PreTrainedModel) -> tuple[torch.Tensor] | None:
@@ -53,7 +53,7 @@ def acify_model(model: PreTrainedModel, **options: Any) -> PreTrainedModel:
         return model
     recorded = getattr(model.config, CONFIG_KEY, None)
     if recorded is not None:
-        return apply_plan(model, Plan.from_dict(recorded), **{k: v for k, v in options.items() if k in INITIAL})
+        return apply_plan(model, Plan.from_dict(recorded), **{k: v for k, v in options.items() if k in NOT_STRUCTURE})
     options.setdefault("example_inputs", example_inputs(model))
     acify(model, inplace=True, **options)
     if not has_blocks(model):
