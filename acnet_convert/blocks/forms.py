@@ -7,6 +7,8 @@ the wrapped conv's settings, and their common base builds it from ``equivalent_k
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -145,8 +147,12 @@ class SummedBranches(ConvEquivalentBlock):
     def conv_weight(self) -> Tensor:
         return self.branches["square"].conv.weight
 
+    def branch_outputs(self, x: Tensor) -> Iterator[Tensor]:
+        """Every branch's output for input ``x``, in order."""
+        return (branch(x) for branch in self.branches.values())
+
     def forward(self, x: Tensor) -> Tensor:
-        outputs = (branch(x) for branch in self.branches.values())
+        outputs = self.branch_outputs(x)
         out = next(outputs) + next(outputs)
         for output in outputs:
             out += output  # in place: one full-size temporary fewer, same sum
