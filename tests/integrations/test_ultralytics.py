@@ -424,11 +424,12 @@ def test_a_plain_acify_fuses_exactly_with_ultralytics_own_fuse(env, cfg):
     assert relative(deployed(x)[0], want) <= 1e-8
 
 
-def test_a_plain_acify_of_yolo_model_validates_predicts_and_exports(env):
+def test_a_plain_acify_of_yolo_model_validates_predicts_and_exports(env, tmp_path, monkeypatch):
     from ultralytics import YOLO
 
     from acnet_convert import acify
 
+    monkeypatch.chdir(tmp_path)                                    # where the export of a model from a yaml lands
     yolo = YOLO("yolov8n.yaml")
     yolo.model = acify(yolo.model, init="scratch")
     outputs = dict(imgsz=IMGSZ, device="cpu", project=str(env["root"] / "plain-acify"), exist_ok=True)
@@ -445,4 +446,5 @@ def test_a_plain_acify_of_yolo_model_validates_predicts_and_exports(env):
 
     session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert Path(onnx).resolve().parent == tmp_path.resolve()
     assert relative(got, want) <= 1e-4                             # ONNX Runtime vs the blocks, float32
