@@ -19,9 +19,10 @@ from .analysis import (
     batchnorm_part,
     conv_adapter,
     norm_tail,
+    own_fusion,
     plain_conv,
 )  # fmt: skip
-from .blocks import BLOCK_CONVS, PaddedBlock, block_class, is_block, resolve_padding
+from .blocks import BLOCK_CONVS, PaddedBlock, block_class, has_blocks, is_block, resolve_padding
 from .constants import DEFAULT_GAMMA, DEFAULT_KIND, DEFAULT_MIN_KERNEL, INITS, LAYOUTS, MODES
 from .errors import ACNetError, warn
 from .modules import class_path, modes_kept, replace_module
@@ -102,7 +103,8 @@ def apply_plan(
 ) -> nn.Module:
     """Build the blocks ``plan`` records into ``model`` (in place) without analysing it again; return it.
 
-    Every recorded site is checked against the model first, so a plan that does not fit changes nothing.
+    Every recorded site is checked against the model first, so a plan that does not fit changes nothing.  A model
+    whose class fuses itself (an Ultralytics model's ``fuse``) gets that method as ``OwnFusion``.
     """
     located = [_locate_site(model, site) for site in plan.converted]
     for site, (conv, bn) in zip(plan.converted, located):
@@ -119,7 +121,54 @@ def apply_plan(
             for name in (site.bn, *site.bn_aliases):
                 replace_module(model, name, tail)
     setattr(model, PLAN_ATTR, plan)
+    if own_fusion(model):
+        setattr(model, own_fusion(model), OwnFusion(model))
     return model
+
+
+class OwnFusion:
+    """The own fusion method of an acified model whose class fuses itself, as the instance's attribute.
+
+    That method folds each conv's BatchNorm into the conv by reading both, so it runs on the structure it was written
+    for: every block deployed in place, every absorbed BatchNorm back as an exact identity that carries the fused
+    bias.  Then the class's method runs, and it computes what the blocks did.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model, method = self.model, own_fusion(self.model)
+        if has_blocks(model):
+            deploy(model, inplace=True)
+        for site in getattr(model, PLAN_ATTR).converted:
+            if site.bn:
+                _restore_bn(model, site)
+        model.__dict__.pop(method, None)
+        return getattr(model, method)(*args, **kwargs)
+
+
+def _restore_bn(model: nn.Module, site: Site) -> None:
+    """Put a BatchNorm back where ``site``'s conv absorbed one: mean -bias and variance 1 - eps add the fused bias."""
+    here = model.get_submodule(site.bn)
+    if isinstance(here, _BatchNorm):
+        return  # restored already (a model deployed, then fused)
+    if not isinstance(here, nn.Identity):
+        raise ACNetError(f"{site.bn} holds a {type(here).__name__}, where only a BatchNorm can be put back: "
+                         "deploy the model with acnet_convert.deploy instead of its own fusion")  # fmt: skip
+    conv = model.get_submodule(site.name)
+    bias = conv.weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias.detach().clone()
+    norm = (nn.BatchNorm3d if conv.weight.dim() == 5 else nn.BatchNorm2d)(
+        conv.out_channels, eps=site.bn_eps, affine=site.bn_affine, device=bias.device, dtype=bias.dtype
+    )
+    with torch.no_grad():
+        norm.running_mean.copy_(-bias)
+        norm.running_var.fill_(1.0 - site.bn_eps)
+    norm.train(conv.training)
+    if conv.bias is not None:
+        conv.bias = None if not site.conv_bias else nn.Parameter(torch.zeros_like(bias))
+    for name in (site.bn, *site.bn_aliases):
+        replace_module(model, name, norm)
 
 
 def deploy(model: nn.Module, *, inplace: bool = False, check: bool = True, report_quant: bool = False) -> nn.Module:

@@ -132,3 +132,26 @@ def bn_zero_output(bn: nn.Module, dtype: torch.dtype) -> Tensor:
         scale = scale * bn.weight.to(dtype)
     shift = -bn.running_mean.to(dtype) * scale
     return shift if bn.bias is None else shift + bn.bias.to(dtype)
+
+
+def channel_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """The mean of each channel of ``x`` (batch, channels, *spatial) and the covariance of the channels within each
+    of ``groups`` groups, ``(groups, width, width)``, over the batch and every position (biased, as BatchNorm's)."""
+    width = x.shape[1] // groups
+    dims = [0, *range(2, x.dim())]
+    if width == 1:
+        var, mean = torch.var_mean(x, dims, correction=0)
+        return mean, var.reshape(groups, 1, 1)
+    mean = x.mean(dims)
+    centred = (x - mean.reshape(1, -1, *[1] * (x.dim() - 2))).reshape(x.shape[0], groups, width, -1)
+    cov = torch.einsum("ngip,ngjp->gij", centred, centred) / (centred.shape[0] * centred.shape[3])
+    return mean, cov
+
+
+def pointwise_moments(weight: Tensor, mean: Tensor, cov: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """The mean and (biased) variance of each output channel of a bias-free 1x1 conv with ``groups`` groups, from its
+    input's ``channel_moments``: ``w·mean`` and ``wᵀ·cov·w`` per output channel."""
+    w = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1])
+    out_mean = torch.einsum("goi,gi->go", w, mean.reshape(groups, -1)).reshape(-1)
+    out_var = torch.einsum("goi,gij,goj->go", w, cov, w).reshape(-1)
+    return out_mean, out_var

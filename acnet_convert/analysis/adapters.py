@@ -1,10 +1,12 @@
-"""Adapters: the one place that knows conv and BatchNorm classes which do more than a plain conv or BatchNorm.
+"""Adapters: the one place that knows conv, BatchNorm and model classes which do more than a plain one.
 
 A norm adapter names what a BatchNorm subclass does after normalising (timm's ``BatchNormAct2d``: dropout, then
 the activation): the BatchNorm part is absorbed into the block and those modules stay at the BatchNorm's place.
 A conv adapter names how a conv subclass pads its input in ``forward`` before convolving (timm's ``Conv2dSame``,
 segmentation-models-pytorch's ``Conv2dStaticSamePadding``): the block pads the same way, then runs its branches.
-Classes are named by ``module.QualName`` so that nothing here imports the libraries that define them; add
+A self-fusing model class has a method of its own that folds each conv's BatchNorm into the conv by reading their
+weights (Ultralytics' ``BaseModel.fuse``): on an acified model that method first gets the structure it was written
+for back. Classes are named by ``module.QualName`` so that nothing here imports the libraries that define them; add
 entries for your own classes with ``register_norm_adapter`` and ``register_conv_adapter``.
 """
 
@@ -80,6 +82,9 @@ CONV_ADAPTERS: dict[str, ConvAdapter] = {
     ),
     "efficientnet_pytorch.utils.Conv2dStaticSamePadding": ConvAdapter(lambda c: c.static_padding),
 }
+SELF_FUSING_MODELS: dict[str, str] = {  # class -> the name of its own fusion method
+    "ultralytics.nn.tasks.BaseModel": "fuse",
+}
 
 
 def register_norm_adapter(cls: type | str, after: Sequence[str]) -> None:
@@ -100,6 +105,11 @@ def norm_adapter(bn: nn.Module) -> NormAdapter | None:
 def conv_adapter(conv: nn.Module) -> ConvAdapter | None:
     """The adapter of ``conv``'s class, or None."""
     return CONV_ADAPTERS.get(class_path(type(conv)))
+
+
+def own_fusion(model: nn.Module) -> str | None:
+    """The name of the fusion method ``model``'s class (or a base class) has of its own, or None."""
+    return next((SELF_FUSING_MODELS[p] for p in map(class_path, type(model).__mro__) if p in SELF_FUSING_MODELS), None)
 
 
 def batchnorm_part(bn: _BatchNorm) -> _BatchNorm:

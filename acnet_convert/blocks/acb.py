@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import ACNetError
 from ..kernels import scaled
-from .branches import ConvBranch, new_bn
+from .branches import ConvBranch, new_bn, overrides_forward
 from .forms import ComposedKernel, SummedBranches, conv_args
 from .geometry import BLOCK_CONVS, branch_geometry, branch_kernels, conv_padding, describe_layout, kernel_problem
 
@@ -119,7 +119,7 @@ class FastACBlock(ComposedKernel):
 
     @classmethod
     def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
-        if type(conv) is not nn.Conv2d:
+        if not isinstance(conv, nn.Conv2d) or overrides_forward(conv, nn.Conv2d):
             return "fast mode converts Conv2d only"
         kh, kw = conv.kernel_size
         if kh % 2 == 0 or kw % 2 == 0:

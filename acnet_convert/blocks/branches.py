@@ -13,13 +13,20 @@ from .geometry import branch_geometry, conv_padding, pad_like_conv
 
 def plain_conv_problem(conv: nn.Module) -> str:
     """Why a block that adds 1x1-centred branches cannot wrap ``conv``, or '' when it can."""
-    if type(conv) is not nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d):
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if overrides_forward(conv, nn.Conv2d):
+        return f"{type(conv).__name__} overrides forward(): the block would compute the plain convolution instead"
     if any(k % 2 == 0 for k in conv.kernel_size):
         return "even kernel side: the kernel has no centre tap"
     if max(conv.kernel_size) == 1:
         return "1x1 conv: the branches would add nothing a 1x1 kernel cannot hold"
     return ""
+
+
+def overrides_forward(conv: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``conv``'s class computes something else than ``base``'s convolution (its own ``forward``)."""
+    return any(getattr(type(conv), m, None) is not getattr(base, m, None) for m in ("forward", "_conv_forward"))
 
 
 def has_identity(conv: nn.Module) -> bool:

@@ -8,6 +8,8 @@ with the value its BatchNorm gives a zero input), an average pool into a constan
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,11 +18,13 @@ from ..kernels import (
     Kernel,
     avg_pool_kernel,
     bn_zero_output,
+    channel_moments,
     compose_1x1_kxk,
     compose_1x1_kxk_weight,
     embed_centre,
     fold_bn,  # fmt: skip
     identity_kernel,
+    pointwise_moments,
     scaled,
 )
 from .branches import ConvBranch, new_bn, plain_conv_problem, pointwise_branch
@@ -60,6 +64,8 @@ class ComposedBranch(nn.Module):
 
     Zero padding of the 1x1 output uses what its BatchNorm outputs for a zero input (from the running
     statistics, in training too), which is what the fused conv sees through its zero-padded input.
+    A plain BatchNorm2d after the 1x1 is folded into it from the input's moments (``folded_first``), so the
+    1x1 output is never computed: the KxK conv runs on the input with the composed kernel, the pool before the 1x1.
     """
 
     def __init__(
@@ -70,15 +76,66 @@ class ComposedBranch(nn.Module):
         self.first, self.first_bn, self.second, self.bn = first, first_bn, second, bn
         self.padding, self.padding_mode, self.groups = conv_padding(conv), conv.padding_mode, conv.groups
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.first is not None:
-            x = self.first_bn(self.first(x))
-        if self.first is None or self.padding_mode != "zeros" or not any(self.padding):
+    def forward(self, x: Tensor, moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The branch's output; ``moments`` are the input's ``channel_moments`` when the caller has them."""
+        if self.first is None:
+            return self.bn(self.second(pad_like_conv(x, self.padding, self.padding_mode)))
+        if self.folds(x):
+            return self.bn(self.composed(x, moments))
+        x = self.first_bn(self.first(x))
+        if self.padding_mode != "zeros" or not any(self.padding):
             return self.bn(self.second(pad_like_conv(x, self.padding, self.padding_mode)))
         # second(x padded with the value) = second(x zero-padded) + second(a zero sample padded with the value):
         # the conv or pool pads by itself, and the border's share is computed for one sample, not the batch
         border = border_image(bn_zero_output(self.first_bn, x.dtype), x, self.padding)
         return self.bn(self.zero_padded_second(x) + self.second(border))
+
+    def folds(self, x: Tensor) -> bool:
+        """Whether this branch runs ``composed`` for input ``x``: where its first BatchNorm can be folded and, in
+        training, composing the KxK kernel costs less than the 1x1 conv it saves (a product of the kernels against
+        one of the 1x1 kernel with every input position)."""
+        if self.first is None or not foldable(self.first_bn):
+            return False
+        if not self.first_bn.training:
+            return True
+        positions = x.numel() // x.shape[1]  # a BatchNorm in training refuses a single value per channel
+        second = self.second.weight if isinstance(self.second, nn.Conv2d) else None
+        per_position = 0 if second is None else second.shape[0] // self.groups * second[0, 0].numel()
+        return positions > 1 and per_position < positions
+
+    def composed(self, x: Tensor, moments: tuple[Tensor, Tensor] | None) -> Tensor:
+        """``second(pad(first_bn(first(x))))`` without the 1x1 output: both are linear per position, so the
+        composed kernel (or the pool, then the folded 1x1) runs on ``x``, and the constant part on one sample."""
+        weight, shift = self.folded_first(x, moments)
+        zeros = self.padding_mode == "zeros"
+        constant = self.second(constant_image(shift, bn_zero_output(self.first_bn, x.dtype) if zeros else shift,
+                                              x, self.padding))  # fmt: skip
+        if not zeros:
+            x = pad_like_conv(x, self.padding, self.padding_mode)
+        if isinstance(self.second, nn.Conv2d):
+            kernel = compose_pointwise_kxk(weight, self.second.weight, self.groups)
+            return F.conv2d(x, kernel, None, self.second.stride, self.padding if zeros else 0, 1, self.groups) + constant
+        pooled = self.zero_padded_second(x) if zeros else self.second(x)
+        return F.conv2d(pooled, weight, None, 1, 0, 1, self.groups) + constant
+
+    def folded_first(self, x: Tensor, moments: tuple[Tensor, Tensor] | None) -> Kernel:
+        """The 1x1 conv's kernel with its BatchNorm folded in, and the BatchNorm's shift, differentiable.
+
+        In training the BatchNorm's batch statistics are those of the 1x1 output, found from the input's mean and
+        covariance, and its running statistics are updated as a forward of the BatchNorm would update them.
+        """
+        bn, weight = self.first_bn, self.first.weight
+        if bn.training:
+            mean, cov = channel_moments(x, self.groups) if moments is None else moments
+            mean, var = pointwise_moments(weight, mean, cov, self.groups)
+            track_batch_statistics(bn, mean, var, x.numel() // x.shape[1])
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -mean * scale
+        return scaled(weight, scale), shift if bn.bias is None else shift + bn.bias
 
     def zero_padded_second(self, x: Tensor) -> Tensor:
         """The KxK conv or average pool of ``x`` zero-padded as the full conv pads, padding inside the operation."""
@@ -137,11 +194,45 @@ class DBBlock(SummedBranches):
         branches["pointwise_kxk"] = _pointwise_kxk_branch(conv, bn, **factory)
         return branches
 
+    def branch_outputs(self, x: Tensor) -> Iterator[Tensor]:
+        """Every branch's output; the composed branches that fold share one computation of the input's moments."""
+        folding = [b for b in self.branches.values() if isinstance(b, ComposedBranch) and b.folds(x)]
+        moments = channel_moments(x, self.groups) if any(b.first_bn.training for b in folding) else None
+        for branch in self.branches.values():
+            yield branch(x, moments) if isinstance(branch, ComposedBranch) else branch(x)
+
 
 def border_image(value: Tensor, x: Tensor, padding: tuple[int, int]) -> Tensor:
     """One zero sample the size of ``x``'s, padded by ``padding`` with ``value`` per channel."""
     inside = F.pad(torch.ones_like(x[:1, :1]), (padding[1], padding[1], padding[0], padding[0]))
     return (1 - inside) * value.reshape(1, -1, 1, 1)
+
+
+def constant_image(inside: Tensor, border: Tensor, x: Tensor, padding: tuple[int, int]) -> Tensor:
+    """One sample the size of ``x``'s, ``inside`` per channel, padded by ``padding`` with ``border`` per channel."""
+    return border_image(border - inside, x, padding) + inside.reshape(1, -1, 1, 1)
+
+
+@torch.fx.wrap
+def compose_pointwise_kxk(pointwise: Tensor, kxk: Tensor, groups: int) -> Tensor:
+    """``compose_1x1_kxk_weight``, one node in a ``torch.fx`` graph (its steps depend on the kernels' shapes)."""
+    return compose_1x1_kxk_weight(pointwise, kxk, groups)
+
+
+def foldable(bn: nn.Module) -> bool:
+    """Whether the batch statistics of ``bn``'s input may be found from its conv's input: a plain BatchNorm2d that
+    tracks running statistics (a SyncBatchNorm's statistics span processes)."""
+    return type(bn) is nn.BatchNorm2d and bn.track_running_stats
+
+
+def track_batch_statistics(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """Update ``bn``'s running statistics with a batch's (biased) ``mean`` and ``var`` over ``count`` values per
+    channel, as its own forward in training does."""
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
 
 
 def _avg_branch(conv: nn.Conv2d, bn: nn.Module | None, **factory) -> ComposedBranch:

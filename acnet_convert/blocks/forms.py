@@ -7,6 +7,9 @@ the wrapped conv's settings, and their common base builds it from ``equivalent_k
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,13 +23,29 @@ from .geometry import BLOCK_CONVS, conv_padding, pad_like_conv
 
 
 def copy_settings(block: ReparamBlock, conv: nn.Module) -> None:
-    """Give ``block`` the settings of ``conv`` (``CONV_SETTINGS``, ``output_padding`` of a transposed conv) and the
-    class it fuses into."""
+    """Give ``block`` the settings of ``conv`` (``CONV_SETTINGS``, ``output_padding`` of a transposed conv), the
+    built-in class it is and the conv it fuses into (``conv``'s own class and attributes, without its weights)."""
     for name in CONV_SETTINGS:
         setattr(block, name, getattr(conv, name))
     block.conv_type = next(c for c in BLOCK_CONVS if isinstance(conv, c))
     if block.conv_type is nn.ConvTranspose2d:
         block.output_padding = conv.output_padding
+    block.__dict__["fuses_into"] = conv_skeleton(conv)  # not a submodule: no state-dict keys, no parameters
+
+
+def conv_skeleton(conv: nn.Module) -> nn.Module:
+    """A copy of ``conv`` (its class, attributes and buffers) whose parameters are on the meta device."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in conv.parameters()}
+    return copy.deepcopy(conv, memo)
+
+
+def conv_holding(skeleton: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """A copy of ``skeleton`` (a ``conv_skeleton``) holding ``weight`` and ``bias`` (None: no bias), on their
+    device."""
+    conv = copy.deepcopy(skeleton)
+    conv.weight = nn.Parameter(weight)
+    conv.bias = None if bias is None else nn.Parameter(bias)
+    return conv.to(device=weight.device)
 
 
 def conv_args(block: ReparamBlock, **override) -> dict:
@@ -108,18 +127,15 @@ class ConvEquivalentBlock(ReparamBlock):
         return True
 
     def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Module:
-        """The equivalent conv of ``conv_type``, in this block's dtype and device, holding ``fused_kernel()`` or the
-        given (already computed) ``weight`` and ``bias``."""
+        """The equivalent conv, of the wrapped conv's own class (a subclass stays itself) and with its settings, in
+        this block's dtype and device, holding ``fused_kernel()`` or the given (already computed) ``weight`` and
+        ``bias``."""
         if weight is None or bias is None:
             weight, bias = self.fused_kernel()
         ref = self.conv_weight
-        has_bias = self.fused_has_bias()
-        conv = torch.nn.utils.skip_init(self.conv_type, **conv_args(self, bias=has_bias), device=ref.device,
-                                        dtype=ref.dtype)  # fmt: skip
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if has_bias:
-                conv.bias.copy_(bias)
+        weight = weight.to(device=ref.device, dtype=ref.dtype, copy=True)
+        bias = bias.to(device=ref.device, dtype=ref.dtype, copy=True) if self.fused_has_bias() else None
+        conv = conv_holding(self.fuses_into, weight, bias)
         conv.train(self.training)
         return conv
 
@@ -145,8 +161,12 @@ class SummedBranches(ConvEquivalentBlock):
     def conv_weight(self) -> Tensor:
         return self.branches["square"].conv.weight
 
+    def branch_outputs(self, x: Tensor) -> Iterator[Tensor]:
+        """Every branch's output for input ``x``, in order."""
+        return (branch(x) for branch in self.branches.values())
+
     def forward(self, x: Tensor) -> Tensor:
-        outputs = (branch(x) for branch in self.branches.values())
+        outputs = self.branch_outputs(x)
         out = next(outputs) + next(outputs)
         for output in outputs:
             out += output  # in place: one full-size temporary fewer, same sum

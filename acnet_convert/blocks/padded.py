@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 from torch import Tensor, nn
 
 from ..kernels import Kernel
 from .base import CONV_SETTINGS, ReparamBlock
+from .forms import conv_holding, conv_skeleton
 
 
 class PaddedBlock(ReparamBlock):
@@ -21,7 +20,7 @@ class PaddedBlock(ReparamBlock):
         self.kind, self.mode, self.layout, self.conv_type = block.kind, block.mode, block.layout, block.conv_type
         for name in CONV_SETTINGS:
             setattr(self, name, getattr(block, name))
-        self.__dict__["_skeleton"] = copy.deepcopy(original).to("meta")  # class and settings, no weights
+        self.__dict__["fuses_into"] = conv_skeleton(original)  # class, settings and buffers, no weights
 
     @classmethod
     def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
@@ -39,7 +38,6 @@ class PaddedBlock(ReparamBlock):
     def fuse(self, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Module:
         """A conv of the original subclass holding the block's fused kernel."""
         inner = self.block.fuse(weight, bias)
-        conv = copy.deepcopy(self._skeleton).to_empty(device=inner.weight.device).to(inner.weight.dtype)
-        conv.weight, conv.bias = inner.weight, inner.bias
+        conv = conv_holding(self.fuses_into, inner.weight, inner.bias)
         conv.train(self.training)
         return conv

@@ -89,8 +89,9 @@ def original_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The weights of an acified or deployed ``model`` laid out for the unmodified original class.
 
     Fused weights go into the original convs; a fused bias goes into the conv's own bias if it has one, else into
-    the absorbed BatchNorm (set to an exact identity plus that bias), else into the running mean of a BatchNorm
-    that alone follows the conv (its eval output is unchanged).  ``ACNetError`` when a bias has no such place.
+    the absorbed BatchNorm (set to an exact identity plus that bias: in its bias, or in minus its running mean
+    when it has no affine parameters), else into the running mean of a BatchNorm that alone follows the conv (its
+    eval output is unchanged).  ``ACNetError`` when a bias has no such place.
     """
     plan = getattr(model, PLAN_ATTR, None)
     if not isinstance(plan, Plan):
@@ -132,15 +133,14 @@ def _place_site(site: Site, deployed: nn.Module, state: dict[str, Tensor], names
 
 
 def _identity_bn(name: str, site: Site, beta: Tensor) -> dict[str, Tensor]:
-    """A BatchNorm state that computes x + beta exactly in eval mode: mean 0, var 1 - eps, gamma 1."""
+    """A BatchNorm state that computes x + beta in eval mode, (x - mean) / sqrt(var + eps) * gamma + bias: var
+    1 - eps, then gamma 1 and bias beta with mean 0, or, without affine parameters, mean -beta."""
     if not site.bn_eps < 1:
         raise ACNetError(
             f"BatchNorm {name} has eps={site.bn_eps:g} >= 1 and cannot act as an identity: use format plain"
         )
-    if not site.bn_affine and beta.any():
-        raise ACNetError(f"BatchNorm {name} has no affine bias to carry the fused bias: use format plain")
     state = {
-        f"{name}.running_mean": torch.zeros_like(beta),
+        f"{name}.running_mean": torch.zeros_like(beta) if site.bn_affine else -beta,
         f"{name}.running_var": torch.full_like(beta, 1.0 - site.bn_eps),
         f"{name}.num_batches_tracked": torch.tensor(0, dtype=torch.long),
     }

@@ -18,7 +18,7 @@ from ultralytics.engine.model import Model
 from ultralytics.nn.modules import Conv2, RepConv, RepVGGDW
 
 from ..analysis import Plan
-from ..api import PLAN_ATTR, acify, deploy
+from ..api import PLAN_ATTR, OwnFusion, acify, deploy
 from ..blocks import has_blocks, is_block
 from ..errors import ACNetError
 from ..files.rebuild import rebuild
@@ -50,14 +50,14 @@ class _ACNetTrainer:
             return acify_model(model, **self.acnet_options)
         rebuild(model, trained, "acified", source=f"the {type(weights).__name__} to train from")
         model.load(weights)  # what fits, as Ultralytics transfers it: a head for other classes starts afresh
-        model.fuse = _DeployThenFuse(model)
         return model
 
 
 def acify_model(model: nn.Module, **options: Any) -> nn.Module:
     """Acify an Ultralytics model in place (convs of its own re-parameterisable modules stay plain); return it.
 
-    Its ``fuse`` (what Ultralytics calls before predicting, validating and exporting) deploys the blocks first.
+    Its ``fuse`` (what Ultralytics calls before predicting, validating and exporting) deploys the blocks first, as
+    that of any acified Ultralytics model does.
     """
     options.setdefault("example_inputs", (_example_input(model),))
     options["exclude"] = [*_as_list(options.get("exclude")), *_own_reparam_names(model)] or None
@@ -67,7 +67,6 @@ def acify_model(model: nn.Module, **options: Any) -> nn.Module:
             f"acify converted no conv of this {type(model).__name__} (see model.{PLAN_ATTR}); "
             "widen include/exclude or train it without ACNet"
         )
-    model.fuse = _DeployThenFuse(model)
     return model
 
 
@@ -110,14 +109,7 @@ def save_deployed(checkpoint: str | os.PathLike, out: str | os.PathLike | None =
     return out
 
 
-class _DeployThenFuse:
-    """An acified model's ``fuse``: deploy the blocks into plain convs, then run Ultralytics' own fusion."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return deploy_model(self.model).fuse(*args, **kwargs)
+_DeployThenFuse = OwnFusion  # the name checkpoints written by 0.2 pickled for an acified model's fuse
 
 
 def _trained_plan(weights: nn.Module | None) -> Plan | None:

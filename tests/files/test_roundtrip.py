@@ -203,6 +203,37 @@ def test_a_fused_bias_goes_into_the_running_mean_of_a_batchnorm_that_alone_follo
     verify(acified, fresh, x, rtol=1e-5)  # BN(z + b) = BN(z) with running_mean - b
 
 
+class HardNetLike(nn.Module):
+    """A patch descriptor in the style of kornia's HardNet: bias-free convs, each before a BatchNorm without affine
+    parameters, and an L2-normalised output."""
+
+    def __init__(self):
+        super().__init__()
+        layers = []
+        for cin, cout, stride in ((1, 8, 1), (8, 8, 1), (8, 16, 2)):
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout, affine=False), nn.ReLU()]
+        self.features = nn.Sequential(*layers, nn.Conv2d(16, 16, 4, bias=False), nn.BatchNorm2d(16, affine=False))
+
+    def forward(self, x):
+        return F.normalize(self.features(x).flatten(1), dim=1)
+
+
+def test_a_fused_bias_goes_into_minus_the_running_mean_of_an_absorbed_batchnorm_without_affine(tmp_path):
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    acified = train_steps(acify(HardNetLike().double(), init="scratch"), x)
+    sites = acified.acnet_plan.converted
+    assert len(sites) == 3 and all(s.bn and not s.bn_affine for s in sites)
+    acified.eval()
+    deployed = deploy(acified)
+    assert all(deployed.get_submodule(s.name).bias.abs().max() > 1e-3 for s in sites)  # biases to carry
+    save_weights(acified, tmp_path / "o.safetensors", "original")
+    fresh = HardNetLike().double()
+    fresh.load_state_dict(safetensors.torch.load_file(tmp_path / "o.safetensors"), strict=True)
+    with torch.no_grad():
+        want = deployed(x)
+        assert (want - fresh.eval()(x)).abs().max() <= 1e-8 * want.abs().max()  # relative, float64
+
+
 def tiny_cnn():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),

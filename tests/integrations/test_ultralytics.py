@@ -399,3 +399,52 @@ def test_user_errors_name_the_fix(env):
 def test_importing_acnet_convert_does_not_import_ultralytics():
     code = "import sys, acnet_convert, acnet_convert.integrations; assert 'ultralytics' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolov10n.yaml"])  # yolov10n: blocks inside RepVGGDW too
+def test_a_plain_acify_fuses_exactly_with_ultralytics_own_fuse(env, cfg):
+    from ultralytics.nn.tasks import DetectionModel
+
+    from acnet_convert import acify
+
+    model = acify(DetectionModel(cfg, nc=1, verbose=False), init="scratch").double().eval()
+    assert count_blocks(model) == eligible_convs(original(cfg))
+    for m in model.modules():                                      # BatchNorm statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, IMGSZ, IMGSZ, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)[0]
+        deployed = deploy(model).fuse(verbose=False)               # a deployed model fuses too
+        fused = model.fuse(verbose=False)
+        got = fused(x)[0]
+    assert fused is model and count_blocks(fused) == 0 and fused.is_fused() and deployed.is_fused()
+    assert relative(got, want) <= 1e-8                             # float64 on both sides
+    assert relative(deployed(x)[0], want) <= 1e-8
+
+
+def test_a_plain_acify_of_yolo_model_validates_predicts_and_exports(env, tmp_path, monkeypatch):
+    from ultralytics import YOLO
+
+    from acnet_convert import acify
+
+    monkeypatch.chdir(tmp_path)                                    # where the export of a model from a yaml lands
+    yolo = YOLO("yolov8n.yaml")
+    yolo.model = acify(yolo.model, init="scratch")
+    outputs = dict(imgsz=IMGSZ, device="cpu", project=str(env["root"] / "plain-acify"), exist_ok=True)
+    metrics = yolo.val(data=str(env["data"]), batch=4, plots=False, name="val", **outputs)
+    assert 0.0 <= metrics.box.map50 <= 1.0
+    assert len(yolo.predict(np.zeros((IMGSZ, IMGSZ, 3), np.uint8), name="predict", **outputs)) == 1
+    predicting = yolo.predictor.model.model                        # what Ultralytics fused to predict with
+    assert count_blocks(predicting) == 0 and predicting.is_fused()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        want = yolo.model.eval()(x)[0]
+    onnx = yolo.export(format="onnx", imgsz=IMGSZ, device="cpu", simplify=False)   # fuses a copy of the model
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert Path(onnx).resolve().parent == tmp_path.resolve()
+    assert relative(got, want) <= 1e-4                             # ONNX Runtime vs the blocks, float32
