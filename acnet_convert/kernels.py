@@ -132,3 +132,15 @@ def bn_zero_output(bn: nn.Module, dtype: torch.dtype) -> Tensor:
         scale = scale * bn.weight.to(dtype)
     shift = -bn.running_mean.to(dtype) * scale
     return shift if bn.bias is None else shift + bn.bias.to(dtype)
+
+
+def dilate_kernel(kernel: Tensor, dilation: Sequence[int]) -> Tensor:
+    """The dense kernel a conv with ``dilation`` applies: ``kernel``'s taps ``dilation`` apart, zeros between them.
+
+    Side ``k`` becomes ``d * (k - 1) + 1``; differentiable.  (The same as a transposed conv of ``kernel`` by a 1x1
+    identity at stride ``d``.)
+    """
+    spatial = [d * (k - 1) + 1 for k, d in zip(kernel.shape[2:], dilation)]
+    dense = kernel.new_zeros(*kernel.shape[:2], *spatial)
+    dense[(..., *(slice(None, None, d) for d in dilation))] = kernel
+    return dense
