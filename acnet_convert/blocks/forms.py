@@ -150,7 +150,10 @@ class SummedBranches(ConvEquivalentBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         outputs = (branch(x) for branch in self.branches.values())
-        out = next(outputs) + next(outputs)
+        out, second = next(outputs), next(outputs, None)
+        if second is None:  # a single branch (MobileOne's 1x1 conv with k = 1 and no identity)
+            return out
+        out = out + second
         for output in outputs:
             out += output  # in place: one full-size temporary fewer, same sum
         return out
