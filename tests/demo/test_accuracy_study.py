@@ -188,6 +188,17 @@ def test_study_options_override_the_preset():
     assert type(block).__name__ == "DBBlock" and all(torch.allclose(g, torch.tensor(1 / 3)) for g in gammas)
 
 
+def test_default_variants_are_the_kinds_that_convert_a_conv_of_the_model_as_their_own():
+    small = study_module.parse_args([]).kind_modes
+    large_kernel = study_module.parse_args(["--model", "large_kernel_cnn"]).kind_modes
+    assert "dilated-exact" not in small and small == [km for km in study_module.KIND_MODES if km != "dilated-exact"]
+    assert large_kernel == list(study_module.KIND_MODES)  # its 7x7 depthwise convs take the dilated kind too
+    model = study_module.MODELS["large_kernel_cnn"](study_module.types.SimpleNamespace(in_channels=1, num_classes=10))
+    acified = acify(model, block="dilated")
+    assert sum(s.kind == "dilated" for s in acified.acnet_plan.converted) == 3
+    assert acified(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
 def test_quantize_weights_rounds_to_the_grid_of_its_scales():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
