@@ -249,6 +249,15 @@ def test_folding_and_int8_ptq_keep_a_trained_model_s_predictions():
     assert abs(ptq - float_accuracy) < 3 and float_accuracy > 50
 
 
+def test_folding_takes_1x1_convs_and_their_batchnorm_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6))
+    model.train()(torch.randn(4, 3, 6, 6))  # running statistics away from their defaults
+    folded = fold_conv_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    verify(model.eval(), folded, torch.randn(2, 3, 6, 6))
+
+
 def test_study_refuses_cifar10_without_local_data(tmp_path):
     done = study("--dataset", "cifar10", "--data-dir", str(tmp_path), "--seeds", "1", "--out", str(tmp_path / "x"))
     assert done.returncode != 0
