@@ -65,6 +65,7 @@ KIND_NOTES = {
     "mobileone-fast": "MobileOne linearised like acb-fast",
     "dilated-exact": "UniRepLKNet's Dilated Reparam Block on depthwise KxK convs, K >= 5: smaller dilated "
     "depthwise convs, each with its BatchNorm, summed (other convs fall back to acb-exact)",
+    "dilated-fast": "the Dilated Reparam Block linearised like acb-fast (other convs fall back to acb-fast)",
 }
 TRANSFORM_LABELS = {"flip_lr": "flipped left-right", "flip_ud": "flipped up-down", "rot90": "rotated 90°"}
 QUANT_SETTINGS = {  # name: (bits, per output channel?)

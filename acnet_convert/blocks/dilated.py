@@ -1,5 +1,5 @@
 """UniRepLKNet's Dilated Reparam Block: a large depthwise KxK conv plus smaller dilated depthwise convs, each with a
-BatchNorm, summed.
+BatchNorm, summed; exact and fast.
 
 Each branch is a depthwise ``k x k`` conv with dilation ``d`` (extent ``d * (k - 1) + 1 <= K``) and the conv's
 stride, centred on the large kernel, its padding reduced (or its input cropped) by its offset from the large
@@ -10,11 +10,11 @@ taps ``d`` apart (``kernels.dilate_kernel``), embedded at the centre.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..kernels import Kernel, dilate_kernel
+from ..kernels import Kernel, dilate_kernel, embed_centre, scaled
 from .branches import ConvBranch, new_bn
-from .forms import SummedBranches
+from .forms import ComposedKernel, SummedBranches
 from .geometry import branch_geometry, conv_padding
 
 # K -> its branches as (kernel side, dilation): the table of DilatedReparamBlock in unireplknet.py of the paper's
@@ -51,6 +51,12 @@ def dilated_problem(conv: nn.Module) -> str:
     return ""
 
 
+def describe_dilated(conv: nn.Module) -> str:
+    """The branches of a Dilated Reparam Block around ``conv`` as text, e.g. ``7x7 + 5x5 d1 + 3x3 d2 + 3x3 d3``."""
+    size = conv.kernel_size[0]
+    return " + ".join([f"{size}x{size}", *(f"{k}x{k} d{d}" for k, d in dilated_branches(size))])
+
+
 class DilatedBranch(ConvBranch):
     """A dilated depthwise conv and its BatchNorm, whose kernel is the dense (sparse) kernel it applies."""
 
@@ -77,8 +83,7 @@ class DilatedBlock(SummedBranches):
 
     @classmethod
     def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
-        size = conv.kernel_size[0]
-        return " + ".join([f"{size}x{size}", *(f"{k}x{k} d{d}" for k, d in dilated_branches(size))])
+        return describe_dilated(conv)
 
     def new_branches(self, conv: nn.Conv2d, bn: nn.Module | None, **factory) -> dict[str, nn.Module]:
         size, channels, padding = conv.kernel_size[0], conv.out_channels, conv_padding(conv)
@@ -90,3 +95,57 @@ class DilatedBlock(SummedBranches):
                               padding_mode=conv.padding_mode, **factory)  # fmt: skip
             branches[f"k{k}d{d}"] = DilatedBranch(small, new_bn(bn, channels, **factory), geo.crop)
         return branches
+
+
+class FastDilatedBlock(ComposedKernel):
+    """The Dilated Reparam Block linearised: one conv whose kernel is composed, every forward, from the scaled large
+    kernel and the scaled dilated kernels, each spread out to its taps and embedded at the centre.
+
+    One learnable scale per output channel and branch; no BatchNorm inside (the one after the conv stays in the
+    model) and the conv's own bias, if any, is kept.
+    """
+
+    kind = "dilated"
+    mode = "fast"
+    absorbs_bn = False
+
+    @classmethod
+    def conv_problem(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return dilated_problem(conv)
+
+    @classmethod
+    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
+        return describe_dilated(conv) + " (composed)"
+
+    def new_kernels(self, conv: nn.Conv2d, **factory) -> None:
+        """One depthwise kernel and one scale per branch (``weight_k5d1``, ``scale_k5d1``, ...), PyTorch's default
+        conv initialisation for the kernels."""
+        channels = conv.out_channels
+        self.scale_square = nn.Parameter(torch.ones(channels, **factory))
+        self.dilations = tuple(d for _, d in dilated_branches(conv.kernel_size[0]))
+        for k, d in dilated_branches(conv.kernel_size[0]):
+            template = nn.Conv2d(channels, channels, k, groups=channels, bias=False, **factory)
+            setattr(self, f"weight_k{k}d{d}", template.weight)
+            setattr(self, f"scale_k{k}d{d}", nn.Parameter(torch.ones(channels, **factory)))
+
+    def composed_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        names = [f"k{k}d{d}" for k, d in dilated_branches(self.kernel_size[0])]
+        tensors = (self.weight, self.scale_square, *(getattr(self, f"{p}_{n}") for n in names for p in ("weight",
+                   "scale")))  # fmt: skip
+        tensors = tuple(t if dtype is None else t.to(dtype) for t in tensors)
+        return compose_dilated(tensors[0], tensors[1], tensors[2::2], tensors[3::2], self.dilations)
+
+
+@torch.fx.wrap
+def compose_dilated(
+    weight: Tensor, scale_square: Tensor, kernels: tuple[Tensor, ...], scales: tuple[Tensor, ...],
+    dilations: tuple[int, ...],
+) -> Tensor:
+    """``scale_square * weight`` plus each scaled small kernel spread to its dilated taps, at the centre.
+
+    One node in a ``torch.fx`` graph: symbolic tracing records the call, not its shape-dependent steps.
+    """
+    kernel = scaled(weight, scale_square)
+    for small, scale, d in zip(kernels, scales, dilations):
+        kernel = kernel + embed_centre(dilate_kernel(scaled(small, scale), (d, d)), weight.shape[2:])
+    return kernel

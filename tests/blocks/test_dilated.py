@@ -6,12 +6,23 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reparam_cases import PADDING_MODES, check_exact_fusion, check_preserve, randomize_bn, relative_error
+from reparam_cases import (
+    PADDING_MODES,
+    assert_gradients_reach_every_kernel_and_scale,
+    check_exact_fusion,
+    check_preserve,
+    conv_and_input,
+    conv_as,
+    padded,
+    randomize_bn,
+    randomize_scales,
+    relative_error,
+)  # fmt: skip
 from roundtrip import calibrate_bn, n_params
 from torch import nn
 
 from acnet_convert import acify, deploy, quant_report
-from acnet_convert.blocks.dilated import PAPER_BRANCHES, DilatedBlock, dilated_branches
+from acnet_convert.blocks.dilated import PAPER_BRANCHES, DilatedBlock, FastDilatedBlock, dilated_branches
 from acnet_convert.kernels import dilate_kernel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,10 +57,53 @@ def test_exact_block_equals_its_fused_conv(cfg):
     assert err32 <= 1e-5  # relative, float32
 
 
+@settings(max_examples=250, deadline=None, derandomize=True)
+@given(cfg=dilated_configs())
+def test_fast_composed_kernel_equals_the_sum_of_its_branches(cfg):
+    conv, _, x = conv_and_input(cfg)
+    block = FastDilatedBlock.from_conv(conv, init="scratch")
+    randomize_scales(block)
+    weight, bias = block.equivalent_kernel()
+    with torch.no_grad():
+        got = conv_as(block, x, weight, bias)
+        assert relative_error(got, block(x)) <= 1e-12  # relative: forward runs that very conv
+        assert relative_error(got, block.fuse()(x)) <= 1e-12  # relative: fuse() holds that kernel
+        want = _fast_branches(block, x)
+    assert relative_error(want, got) <= 1e-10  # relative, float64
+
+
+def _fast_branches(block: FastDilatedBlock, x: torch.Tensor) -> torch.Tensor:
+    """The fast block's branches run one by one on the padded input, each dilated conv reading the window of the
+    large kernel it is centred in."""
+    xp, size, channels = padded(block, x), block.kernel_size[0], block.out_channels
+    out = F.conv2d(xp, block.weight, None, block.stride, groups=channels) * block.scale_square.reshape(-1, 1, 1)
+    if block.bias is not None:
+        out = out + block.bias.reshape(-1, 1, 1)
+    for k, d in dilated_branches(size):
+        offset = (size - d * (k - 1) - 1) // 2
+        window = xp[..., offset : xp.shape[-2] - offset, offset : xp.shape[-1] - offset]
+        small = F.conv2d(window, getattr(block, f"weight_k{k}d{d}"), None, block.stride, dilation=d, groups=channels)
+        out = out + small * getattr(block, f"scale_k{k}d{d}").reshape(-1, 1, 1)
+    return out
+
+
+@pytest.mark.parametrize("cls", [DilatedBlock, FastDilatedBlock])
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(cfg=dilated_configs())
-def test_preserve_init_computes_what_the_conv_and_bn_did(cfg):
-    assert check_preserve(DilatedBlock, cfg) <= 1e-6  # relative, float64
+def test_preserve_init_computes_what_the_conv_and_bn_did(cls, cfg):
+    assert check_preserve(cls, cfg) <= 1e-6  # relative, float64
+
+
+@pytest.mark.parametrize("cls", [DilatedBlock, FastDilatedBlock])
+def test_gradients_reach_every_branch_and_tracing_records_the_same_function(cls):
+    conv = nn.Conv2d(4, 4, 9, padding=(2, 5), padding_mode="reflect", groups=4, bias=True, dtype=torch.float64)
+    block = cls.from_conv(conv, nn.BatchNorm2d(4, dtype=torch.float64) if cls.absorbs_bn else None, init="scratch")
+    x = torch.randn(2, 4, 12, 12, dtype=torch.float64)
+    assert_gradients_reach_every_kernel_and_scale(block, x)
+    randomize_bn(block)
+    block.eval()
+    with torch.no_grad():
+        assert relative_error(block(x), torch.fx.symbolic_trace(block)(x)) <= 1e-12  # relative, float64
 
 
 @pytest.mark.parametrize("size", [5, 7, 9, 11, 13, 15, 31])
