@@ -5,6 +5,7 @@ Each model is built once (one input batch, 32x32) and shared by the checks of bo
 """
 
 import copy
+import itertools
 
 import pytest
 import timm
@@ -45,8 +46,7 @@ def test_mobileone_takes_every_conv_of_mobilenet_v2_with_the_batchnorm_after_it(
     model, _ = classifier
     followed = {}  # conv -> the BatchNorm after it, read from the Sequential containers torchvision builds
     for parent_name, parent in model.named_modules():
-        children = list(parent.named_children())
-        for (name, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (name, conv), (bn_name, bn) in itertools.pairwise(parent.named_children()):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 followed[f"{parent_name}.{name}".lstrip(".")] = f"{parent_name}.{bn_name}".lstrip(".")
     pointwise = [name for name in followed if model.get_submodule(name).kernel_size == (1, 1)]
