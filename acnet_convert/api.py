@@ -41,17 +41,19 @@ def plan(
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
     layout3d: str = "lines",
+    block_options: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Plan:
     """Report, without changing anything, what ``acify`` with the same options would do with every conv."""
     _check_model(model, "plan")
     if layout3d not in LAYOUTS:
         raise ACNetError(f"unknown layout3d {layout3d!r}: use one of {', '.join(LAYOUTS)}")
     _check_block_choice(block, mode)
+    block_options = _checked_block_options(block, mode, block_options)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     options = PlanOptions(
         include=_patterns(include), exclude=_patterns(exclude), min_kernel=min_kernel, max_kernel=max_kernel,
-        example_inputs=example_inputs, layout=layout3d, block=block, mode=mode,
+        example_inputs=example_inputs, layout=layout3d, block=block, mode=mode, block_options=block_options,
     )  # fmt: skip
     return analyze(model, options)
 
@@ -70,6 +72,7 @@ def acify(
     max_kernel: int | None = None,
     example_inputs: tuple | None = None,
     layout3d: str = "lines",
+    block_options: Mapping[str, Mapping[str, int]] | None = None,
 ) -> nn.Module:
     """Turn every eligible Conv2d, Conv3d and ConvTranspose2d (with the BatchNorm after it) into a training block.
 
@@ -79,7 +82,8 @@ def acify(
     ``mode="exact"`` builds the paper's blocks (a BatchNorm per branch, absorbing the conv's BatchNorm);
     ``mode="fast"`` builds their linearised form (one conv per forward, every BatchNorm left in place).
     ``example_inputs`` (run once in eval mode) let convs inside code that torch.fx cannot trace be analysed too.
-    ``layout3d`` picks ACB's branches of 3D kernels: ``"lines"`` or ``"planes"``.
+    ``layout3d`` picks ACB's branches of 3D kernels: ``"lines"`` or ``"planes"``.  ``block_options`` sets the
+    options of the kinds that have some, by kind: ``{"mobileone": {"k": 2}}`` (the plan records every value).
     """
     _check_model(model, "acify")
     if init not in INITS:
@@ -88,7 +92,7 @@ def acify(
         raise ACNetError("acify needs a model that contains convs; wrap a single conv with ACBlock.from_conv")
     new_plan = plan(
         model, block=block, mode=mode, include=include, exclude=exclude, min_kernel=min_kernel,
-        max_kernel=max_kernel, example_inputs=example_inputs, layout3d=layout3d,
+        max_kernel=max_kernel, example_inputs=example_inputs, layout3d=layout3d, block_options=block_options,
     )  # fmt: skip
     if not inplace:
         model = copy.deepcopy(model)
@@ -110,7 +114,8 @@ def apply_plan(
     for site, (conv, bn) in zip(plan.converted, located):
         inner = plain_conv(conv) if site.adapter else conv
         block = block_class(site.kind, site.mode).from_conv(
-            inner, None if bn is None else batchnorm_part(bn), init=init, gamma_init=gamma_init, layout=site.layout
+            inner, None if bn is None else batchnorm_part(bn), init=init, gamma_init=gamma_init, layout=site.layout,
+            **site.options,
         )
         if site.adapter:
             block = PaddedBlock(conv_adapter(conv).pad(conv), block, conv)
@@ -290,6 +295,22 @@ def _check_block_choice(block: BlockChoice, mode: str) -> None:
         raise ACNetError(f"block must be a kind or a mapping from name pattern to kind, got {type(block).__name__}")
     for kind in (*block.values(), DEFAULT_KIND):
         block_class(kind, mode)
+
+
+def _checked_block_options(
+    block: BlockChoice, mode: str, block_options: Mapping[str, Mapping[str, int]] | None
+) -> dict[str, dict[str, int]]:
+    """``block_options`` as kind -> options, each kind one that ``block`` chooses and each option one it takes."""
+    if block_options is None:
+        return {}
+    if not isinstance(block_options, Mapping) or not all(isinstance(v, Mapping) for v in block_options.values()):
+        raise ACNetError("block_options must map a block kind to its options, e.g. {'mobileone': {'k': 2}}")
+    chosen = {block} if isinstance(block, str) else {*block.values(), DEFAULT_KIND}
+    for kind, options in block_options.items():
+        if kind not in chosen:
+            raise ACNetError(f"block_options: block kind {kind!r} is not one that block chooses ({', '.join(chosen)})")
+        block_class(kind, mode).resolve_options(options)
+    return {kind: dict(options) for kind, options in block_options.items()}
 
 
 def _warn_untraced(plan: Plan) -> None:

@@ -16,6 +16,8 @@ BUILTIN_KINDS = {
     "dbb": {"exact": "dbb:DBBlock", "fast": "dbb:FastDBBlock"},
     "repvgg": {"exact": "repvgg:RepVGGBlock", "fast": "repvgg:FastRepVGGBlock"},
     "qarepvgg": {"exact": "qarepvgg:QARepVGGBlock"},
+    "mobileone": {"exact": "mobileone:MobileOneBlock", "fast": "mobileone:FastMobileOneBlock"},
+    "dilated": {"exact": "dilated:DilatedBlock", "fast": "dilated:FastDilatedBlock"},
 }
 # "acb-exact", "acb-fast", ...: every built-in kind in each of its modes
 BUILTIN_VARIANTS = tuple(f"{kind}-{mode}" for kind, modes in BUILTIN_KINDS.items() for mode in modes)

@@ -155,3 +155,15 @@ def pointwise_moments(weight: Tensor, mean: Tensor, cov: Tensor, groups: int) ->
     out_mean = torch.einsum("goi,gi->go", w, mean.reshape(groups, -1)).reshape(-1)
     out_var = torch.einsum("goi,gij,goj->go", w, cov, w).reshape(-1)
     return out_mean, out_var
+
+
+def dilate_kernel(kernel: Tensor, dilation: Sequence[int]) -> Tensor:
+    """The dense kernel a conv with ``dilation`` applies: ``kernel``'s taps ``dilation`` apart, zeros between them.
+
+    Side ``k`` becomes ``d * (k - 1) + 1``; differentiable.  (The same as a transposed conv of ``kernel`` by a 1x1
+    identity at stride ``d``.)
+    """
+    spatial = [d * (k - 1) + 1 for k, d in zip(kernel.shape[2:], dilation)]
+    dense = kernel.new_zeros(*kernel.shape[:2], *spatial)
+    dense[(..., *(slice(None, None, d) for d in dilation))] = kernel
+    return dense

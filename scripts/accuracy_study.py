@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from acnet_convert import ACNetError, acify, deploy, quant_report
+from acnet_convert import ACNetError, acify, deploy, plan, quant_report
 from acnet_convert.constants import BUILTIN_VARIANTS as KIND_MODES
 from acnet_convert.demo.experiment import (
     Recipe,
@@ -45,7 +46,7 @@ from acnet_convert.demo.experiment import (
     train,
     transformed_accuracy,
 )
-from acnet_convert.demo.models import CifarResNet, SmallCNN
+from acnet_convert.demo.models import CifarResNet, LargeKernelCNN, SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
 KIND_NOTES = {
@@ -59,6 +60,12 @@ KIND_NOTES = {
     "repvgg-fast": "RepVGG linearised like acb-fast",
     "qarepvgg-exact": "QARepVGG's block: KxK with its BatchNorm, plain 1x1 and (where shapes allow) identity, one "
     "BatchNorm after the sum",
+    "mobileone-exact": "MobileOne's block: k KxK convs (k = 4), a 1x1 for KxK convs and (where shapes allow) "
+    "identity, each with its BatchNorm, on 1x1 and depthwise convs too",
+    "mobileone-fast": "MobileOne linearised like acb-fast",
+    "dilated-exact": "UniRepLKNet's Dilated Reparam Block on depthwise KxK convs, K >= 5: smaller dilated "
+    "depthwise convs, each with its BatchNorm, summed (other convs fall back to acb-exact)",
+    "dilated-fast": "the Dilated Reparam Block linearised like acb-fast (other convs fall back to acb-fast)",
 }
 TRANSFORM_LABELS = {"flip_lr": "flipped left-right", "flip_ud": "flipped up-down", "rot90": "rotated 90°"}
 QUANT_SETTINGS = {  # name: (bits, per output channel?)
@@ -75,6 +82,7 @@ WEIGHT_LABELS = {
 CALIBRATION_IMAGES = 512
 MODELS = {
     "small_cnn": lambda split: SmallCNN(split.in_channels, split.num_classes),
+    "large_kernel_cnn": lambda split: LargeKernelCNN(split.in_channels, split.num_classes),
     "resnet20": lambda split: CifarResNet(20, split.num_classes, split.in_channels),
     "resnet56": lambda split: CifarResNet(56, split.num_classes, split.in_channels),
 }
@@ -493,8 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=sorted(PRESETS), default="digits")
     parser.add_argument("--data-dir", help="folder holding CIFAR-10's cifar-10-batches-py (for --dataset cifar10)")
     parser.add_argument("--model", choices=sorted(MODELS), help="default: the data set's preset")
-    parser.add_argument("--variants", default=",".join(KIND_MODES),
-                        help="comma-separated KIND-MODE list, trained beside the baseline")  # fmt: skip
+    parser.add_argument("--variants", help="comma-separated KIND-MODE list, trained beside the baseline (default: "
+                        "every one that converts a conv of the model as its own kind)")  # fmt: skip
     parser.add_argument("--gammas", help="comma-separated new-branch gammas, e.g. 1,1/3 (default: the preset's)")
     parser.add_argument("--seeds", type=int, help="use seeds 0..N-1 (default: 10 for digits, 5 for cifar10)")
     parser.add_argument("--epochs", type=int)
@@ -511,7 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model = args.model or preset.model
     args.gamma_list = [g.strip() for g in args.gammas.split(",")] if args.gammas else list(preset.gammas)
     args.seeds = preset.seeds if args.seeds is None else args.seeds
-    args.kind_modes = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.kind_modes = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants
+                       else applicable_kind_modes(args.model))  # fmt: skip
     unknown = set(args.kind_modes) - set(KIND_MODES)
     if unknown or args.seeds < 1 or not all(_is_gamma(g) for g in args.gamma_list):
         parser.error(f"--variants takes {', '.join(KIND_MODES)}; --gammas positive numbers or fractions such as "
@@ -520,6 +529,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--dataset cifar10 needs --data-dir PATH (nothing is downloaded)")
     args.json = args.json or str(Path(args.out).with_suffix(".json"))
     return args
+
+
+def applicable_kind_modes(model: str) -> list[str]:
+    """The kinds and modes that convert at least one conv of ``model`` as their own kind (not only by falling back)."""
+    built = MODELS[model](types.SimpleNamespace(in_channels=3, num_classes=10))
+    applicable = []
+    for km in KIND_MODES:
+        kind, mode = km.split("-")
+        if any(site.kind == kind for site in plan(built, block=kind, mode=mode).converted):
+            applicable.append(km)
+    return applicable
 
 
 def _is_gamma(text: str) -> bool:

@@ -71,8 +71,9 @@ class Sizes:
 
 
 FULL = Sizes(
-    train=[("resnet18", 32, 64), ("mobilenet_v2", 32, 64), ("resnet18", 32, 224), ("mobilenet_v2", 32, 224)],
-    repeats=9, warmup=1, infer_models=["resnet18", "mobilenet_v2"], infer_batch=1, infer_size=224,
+    train=[("resnet18", 32, 64), ("mobilenet_v2", 32, 64), ("convnext_tiny", 32, 64), ("resnet18", 32, 224),
+           ("mobilenet_v2", 32, 224), ("convnext_tiny", 32, 224)],
+    repeats=9, warmup=1, infer_models=["resnet18", "mobilenet_v2", "convnext_tiny"], infer_batch=1, infer_size=224,
     infer_repeats=30, convert_repeats=5, chain=[25, 50, 100, 200], zoo=None,
 )  # fmt: skip
 FULL_CUDA = replace(FULL, repeats=25, warmup=3, infer_repeats=100)  # a GPU step is short: more rounds

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..constants import DEFAULT_KIND, DEFAULT_MIN_KERNEL
 
@@ -22,3 +22,4 @@ class PlanOptions:
     layout: str = "lines"  # ACB's branches of a 3D kernel
     block: BlockChoice = DEFAULT_KIND
     mode: str = "exact"
+    block_options: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # kind -> its options' values

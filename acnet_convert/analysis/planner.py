@@ -85,7 +85,8 @@ def _conv_site(
         site.explain(why_not)
         return site
     site.kind, site.mode, site.layout = cls.kind, cls.mode, options.layout
-    site.branches = cls.describe(conv, options.layout)
+    site.options = cls.resolve_options(options.block_options.get(cls.kind))
+    site.branches = cls.describe(conv, options.layout, **site.options)
     if name not in flow.covered:
         site.evidence, reason = "source", _CALLED_ONLY
     else:
@@ -108,8 +109,9 @@ def _done_site(name: str, block: nn.Module, names: dict[int, list[str]]) -> Site
     """The site of a block that is already in the model."""
     site = Site(name, tuple(block.kernel_size), tuple(block.stride), block.groups, "done",
                 conv_type=getattr(block, "conv_type", nn.Conv2d).__name__,
-                branches=type(block).describe(block, block.layout), kind=block.kind, mode=block.mode,
-                layout=block.layout, aliases=names[id(block)][1:])  # fmt: skip
+                branches=type(block).describe(block, block.layout, **block.options), kind=block.kind,
+                mode=block.mode, layout=block.layout, options=dict(block.options),
+                aliases=names[id(block)][1:])  # fmt: skip
     site.explain(Reason("already-block", f"already a {type(block).__name__}"))
     return site
 

@@ -26,6 +26,7 @@ class Site:
     kind: str | None = None  # the block kind ("acb", "dbb", ...); None for a skipped conv
     mode: str | None = None  # "exact" or "fast"; None for a skipped conv
     layout: str = "lines"  # the block's branch arrangement option (ACB's 3D lines or planes)
+    options: dict[str, int] = field(default_factory=dict)  # the block kind's options (e.g. MobileOne's k), all set
     aliases: list[str] = field(default_factory=list)  # other names the same conv is registered under
     bn_aliases: list[str] = field(default_factory=list)  # other names of the absorbed BatchNorm
     bn_after: str | None = None  # a BatchNorm that alone receives this conv's output but stays in the model
@@ -52,7 +53,9 @@ class Site:
         self.codes = [r.code for r in reasons]
 
     def as_dict(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in self.__dict__.items()}
+        """The site as JSON-ready values; ``options`` only where the kind has some (a 0.2.0 site has none)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in self.__dict__.items()
+                if key != "options" or value}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Site:

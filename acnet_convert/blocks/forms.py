@@ -84,16 +84,19 @@ class ConvEquivalentBlock(ReparamBlock):
         init: str = "preserve",
         gamma_init: float = DEFAULT_GAMMA,
         layout: str = "lines",
+        **options: int,
     ) -> ConvEquivalentBlock:
         """Wrap ``conv`` (and, when ``absorbs_bn``, the BatchNorm after it), keeping their parameters.
 
         ``init="preserve"``: the block computes what ``bn(conv(x))`` did; ``init="scratch"``: every new branch's
         scale (BN gamma) starts at ``gamma_init``, and in exact mode the absorbed BatchNorm's gamma too.
+        ``options``: the kind's options (``kind_options``; defaults for those not given), read by ``build``.
         """
         if init not in INITS:
             raise ACNetError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
         block = cls.__new__(cls)
         nn.Module.__init__(block)
+        block.options = cls.resolve_options(options)
         block.build(conv, bn, layout)
         block.init_branches(bn, init, gamma_init)
         block.train(conv.training)
@@ -167,7 +170,10 @@ class SummedBranches(ConvEquivalentBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         outputs = self.branch_outputs(x)
-        out = next(outputs) + next(outputs)
+        out, second = next(outputs), next(outputs, None)
+        if second is None:  # a single branch (MobileOne's 1x1 conv with k = 1 and no identity)
+            return out
+        out = out + second
         for output in outputs:
             out += output  # in place: one full-size temporary fewer, same sum
         return out

@@ -18,13 +18,14 @@ class PaddedBlock(ReparamBlock):
         self.pad = pad
         self.block = block
         self.kind, self.mode, self.layout, self.conv_type = block.kind, block.mode, block.layout, block.conv_type
+        self.options = block.options
         for name in CONV_SETTINGS:
             setattr(self, name, getattr(block, name))
         self.__dict__["fuses_into"] = conv_skeleton(original)  # class, settings and buffers, no weights
 
     @classmethod
-    def describe(cls, conv: nn.Module, layout: str = "lines") -> str:
-        return type(conv.block).describe(conv.block, layout)
+    def describe(cls, conv: nn.Module, layout: str = "lines", **options: int) -> str:
+        return type(conv.block).describe(conv.block, layout, **options)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block(self.pad(x))

@@ -85,7 +85,8 @@ def epilog(*examples: str, note: str = "") -> str:
     return "\n\n".join(["Examples:", *(f"  {example}" for example in examples), *([note] if note else [])])
 
 
-LIBRARY_ARGUMENTS = {"choose one with key=": "choose one with --checkpoint-key", "pass force=True": "pass --force"}
+LIBRARY_ARGUMENTS = {"choose one with key=": "choose one with --checkpoint-key", "pass force=True": "pass --force",
+                     "block_options:": "--block-option:", "that block chooses": "that --block chooses"}  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -68,6 +68,13 @@ Block = Annotated[
         "repeat PATTERN=KIND for a kind per layer (first match wins, a bare KIND is the default).",
     ),
 ]
+BlockOption = Annotated[
+    list[str] | None,
+    option(
+        metavar="KIND.NAME=VALUE",
+        text="An option of a block kind that has some (repeatable), e.g. --block-option mobileone.k=2.",
+    ),
+]
 Init = Annotated[
     Literal[INITS],
     option(text="New branches: preserve (the function is unchanged; default) or scratch (as in the paper)."),
@@ -184,12 +191,13 @@ def flag(name: str) -> str:
 
 def acify_options(
     stored: dict, *, block: str | dict[str, str] | None = None, init: str | None = None,
-    gamma_init: float | None = None, structure: Structure | None = None,
+    gamma_init: float | None = None, structure: Structure | None = None, block_options: dict | None = None,
 ) -> dict[str, object]:  # fmt: skip
     """acify's options: the defaults, then those stored in a checkpoint, then those given on the command line."""
     defaults = {"block": DEFAULT_KIND, "include": None, "exclude": None, "init": INITS[0], "gamma_init": DEFAULT_GAMMA,
                 "min_kernel": DEFAULT_MIN_KERNEL, "max_kernel": None, "mode": MODES[0]}  # fmt: skip
-    given = {"block": block, "init": init, "gamma_init": gamma_init, **(structure.given() if structure else {})}
+    given = {"block": block, "init": init, "gamma_init": gamma_init, "block_options": block_options,
+             **(structure.given() if structure else {})}  # fmt: skip
     return {**defaults, **stored, **{name: value for name, value in given.items() if value is not None}}
 
 
@@ -206,3 +214,17 @@ def block_choice(values: list[str] | None) -> str | dict[str, str] | None:
     if not pairs:
         return bare[0]
     return {**dict(pairs), **({"*": bare[0]} if bare else {})}
+
+
+def block_options(values: list[str] | None) -> dict[str, dict[str, int | str]] | None:
+    """--block-option values as acify's ``block_options``: ``KIND.NAME=VALUE`` -> {kind: {name: value}}."""
+    if not values:
+        return None
+    options: dict[str, dict[str, int | str]] = {}
+    for value in values:
+        target, _, text = (part.strip() for part in value.partition("="))
+        kind, _, name = (part.strip() for part in target.partition("."))
+        if not (kind and name and text):
+            raise ACNetError(f"--block-option {value!r}: write KIND.NAME=VALUE, e.g. --block-option mobileone.k=2")
+        options.setdefault(kind, {})[name] = int(text) if text.lstrip("-").isdigit() else text
+    return options

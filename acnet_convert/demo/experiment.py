@@ -203,7 +203,7 @@ def transformed_accuracy(model: nn.Module, split: Split) -> dict[str, float]:
 def fold_conv_bn(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every conv + BatchNorm pair the data flow proves folded into the conv."""
     model = copy.deepcopy(model).eval()
-    for site in plan(model, min_kernel=1).sites:
+    for site in plan(model, block="mobileone", min_kernel=1).sites:  # the kind that takes 1x1 convs too
         if site.bn:
             conv, bn = model.get_submodule(site.name), model.get_submodule(site.bn)
             replace_module(model, site.name, fuse_conv_bn_eval(conv, bn))

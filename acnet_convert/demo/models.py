@@ -27,6 +27,24 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+class LargeKernelCNN(nn.Module):
+    """SmallCNN with large depthwise kernels, ConvNeXt's way: a 3x3 stem, then three stages of a depthwise KxK
+    conv-BN and a 1x1 conv-BN-ReLU with max pooling, then a linear layer."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32, kernel: int = 7):
+        super().__init__()
+        layers: list[nn.Module] = [conv_bn_relu(in_channels, width, 3)]
+        for cin, cout, pool in ((width, width, True), (width, width, True), (width, 2 * width, False)):
+            layers += [nn.Conv2d(cin, cin, kernel, padding=kernel // 2, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                       conv_bn_relu(cin, cout, 1)]  # fmt: skip
+            layers.append(nn.MaxPool2d(2, ceil_mode=True) if pool else nn.AdaptiveMaxPool2d(1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
 class PadShortcut(nn.Module):
     """The CIFAR ResNets' parameter-free shortcut: subsample by the stride and zero-pad the new channels."""
 

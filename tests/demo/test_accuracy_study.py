@@ -188,6 +188,17 @@ def test_study_options_override_the_preset():
     assert type(block).__name__ == "DBBlock" and all(torch.allclose(g, torch.tensor(1 / 3)) for g in gammas)
 
 
+def test_default_variants_are_the_kinds_that_convert_a_conv_of_the_model_as_their_own():
+    small = study_module.parse_args([]).kind_modes
+    large_kernel = study_module.parse_args(["--model", "large_kernel_cnn"]).kind_modes
+    assert small == [km for km in study_module.KIND_MODES if not km.startswith("dilated-")]  # no depthwise conv
+    assert large_kernel == list(study_module.KIND_MODES)  # its 7x7 depthwise convs take the dilated kind too
+    model = study_module.MODELS["large_kernel_cnn"](study_module.types.SimpleNamespace(in_channels=1, num_classes=10))
+    acified = acify(model, block="dilated")
+    assert sum(s.kind == "dilated" for s in acified.acnet_plan.converted) == 3
+    assert acified(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
 def test_quantize_weights_rounds_to_the_grid_of_its_scales():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
@@ -236,6 +247,15 @@ def test_folding_and_int8_ptq_keep_a_trained_model_s_predictions():
     float_accuracy = accuracy(deployed, split.x_test, split.y_test)
     ptq = int8_ptq_accuracy(deployed, split.x_train[:256], split.x_test, split.y_test)
     assert abs(ptq - float_accuracy) < 3 and float_accuracy > 50
+
+
+def test_folding_takes_1x1_convs_and_their_batchnorm_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6))
+    model.train()(torch.randn(4, 3, 6, 6))  # running statistics away from their defaults
+    folded = fold_conv_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    verify(model.eval(), folded, torch.randn(2, 3, 6, 6))
 
 
 def test_study_refuses_cifar10_without_local_data(tmp_path):

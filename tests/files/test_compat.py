@@ -76,7 +76,13 @@ def test_inspect_json_is_the_020_document(tmp_path, monkeypatch):
 # Help texts reworded since 0.2.0, so that every word keeps one meaning: (command, parameter) -> (old, new).
 REWORDED = {
     ("deploy", "fmt"): ("the layout of the weights written", "the form of the weights written"),
+    **{(command, "block"): ("qarepvgg (default", "qarepvgg, mobileone, dilated (default")  # kinds added
+       for command in ("convert", "inspect")},
 }
+
+
+# Options added since 0.2.0: (command, parameter).
+ADDED = {("convert", "block_option"), ("inspect", "block_option")}
 
 
 def test_every_command_option_and_default_is_the_020_one():
@@ -85,4 +91,9 @@ def test_every_command_option_and_default_is_the_020_one():
         param = next(p for p in recorded[command][1:] if p["name"] == name)
         assert old in param["help"]
         param["help"] = param["help"].replace(old, new)
-    assert cli_surface(app) == recorded
+    surface = cli_surface(app)
+    for command, name in ADDED:
+        params = surface[command]
+        assert any(p["name"] == name for p in params[1:]), (command, name)
+        surface[command] = [params[0], *(p for p in params[1:] if p["name"] != name)]
+    assert surface == recorded

@@ -102,6 +102,21 @@ def test_acnet_model_is_the_timm_model_with_blocks():
     assert {type(m).mode for m in fast.modules() if is_block(m)} == {"fast"}
 
 
+def test_kind_options_pass_through_acnet_keywords_and_large_kernels_take_the_dilated_kind():
+    mobile = timm.create_model("acnet_resnet10t", acnet_block="mobileone", acnet_block_options={"mobileone": {"k": 2}})
+    assert {m.options["k"] for m in mobile.modules() if is_block(m)} == {2}
+    torch.manual_seed(0)
+    model = timm.create_model("acnet_convnext_atto", acnet_block="dilated", acnet_init="scratch", num_classes=3)
+    depthwise = [m for m in timm.create_model("convnext_atto").modules() if isinstance(m, nn.Conv2d)
+                 and m.groups == m.in_channels == m.out_channels and m.kernel_size == (7, 7)]  # fmt: skip
+    assert sum(block.kind == "dilated" for block in model.modules() if is_block(block)) == len(depthwise) > 0
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        assert relative(reparameterize_model(model)(x), want) <= 1e-5  # float32
+
+
 def test_register_fixes_options_under_a_new_name():
     name = acnet_timm.register("resnet10t", "acnet_scratch_resnet10t", init="scratch", mode="fast")
     model = timm.create_model(name, num_classes=3)

@@ -108,12 +108,14 @@ def test_resuming_fit_from_an_acified_checkpoint_is_bit_identical(tmp_path):
 
 
 @pytest.mark.parametrize(("kind", "mode"), [("dbb", "exact"), ("dbb", "fast"), ("repvgg", "exact"),
-                                           ("repvgg", "fast"), ("qarepvgg", "exact")])  # fmt: skip
+                                           ("repvgg", "fast"), ("qarepvgg", "exact"), ("mobileone", "exact")])  # fmt: skip
 def test_every_block_kind_trains_resumes_from_the_recorded_plan_and_writes_original_weights(tmp_path, kind, mode):
-    first = trainer(ACNetCallback(block=kind, mode=mode, init="scratch"), 2)
+    options = {"block_options": {kind: {"k": 2}}} if kind == "mobileone" else {}  # a kind option, recorded too
+    first = trainer(ACNetCallback(block=kind, mode=mode, init="scratch", **options), 2)
     first.fit(Classifier(), loader())
     first.save_checkpoint(tmp_path / "step2.ckpt")
-    assert torch.load(tmp_path / "step2.ckpt", weights_only=False)["acnet_plan"]["sites"][0]["kind"] == kind
+    recorded = torch.load(tmp_path / "step2.ckpt", weights_only=False)["acnet_plan"]["sites"][0]
+    assert recorded["kind"] == kind and recorded.get("options", {}) == options.get("block_options", {}).get(kind, {})
 
     module = Classifier()
     callback = ACNetCallback(block="acb", out=tmp_path / "original.safetensors", format="original")  # the plan wins

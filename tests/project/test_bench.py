@@ -73,8 +73,10 @@ def test_block_counts_match_what_acify_converts():
         converted = bench.converted(model, kind_mode)
         kind, mode = kind_mode.split("-")
         names = [site.name for site in acify(model, block=kind, mode=mode).acnet_plan.converted]
-        assert [site.name for site in converted.acnet_plan.converted] == names
-        assert {s.kind for s in converted.acnet_plan.converted} == {kind}
+        sites = converted.acnet_plan.converted
+        assert [site.name for site in sites] == names
+        assert all(s.kind == kind or (s.kind == "acb" and "fallback-kind" in s.codes) for s in sites)
+        assert any(s.kind == kind for s in sites) == (kind != "dilated")  # resnet18 has no large depthwise conv
 
 
 def test_every_deployed_model_has_the_parameter_count_of_the_folded_original(smoke):

@@ -11,6 +11,7 @@ from ..framework import NothingConverted, epilog
 from ..options import (
     Args,
     Block,
+    BlockOption,
     CheckInputs,
     CheckpointKey,
     Force,
@@ -21,6 +22,7 @@ from ..options import (
     Structure,
     acify_options,
     block_choice,
+    block_options,
     option,
 )  # fmt: skip
 from ..render import nothing_converted, raise_failed, report_plan
@@ -49,6 +51,7 @@ def main(
         option("--out", "-o", metavar="FILE", text="Output, .safetensors or .pt (default NAME.acnet.safetensors)."),
     ] = None,
     block: Block = None,
+    block_option: BlockOption = None,
     init: Init = INITS[0],
     gamma_init: GammaInit = DEFAULT_GAMMA,
     *,
@@ -69,7 +72,8 @@ def main(
     parsed = model_spec(session, spec, arg)
     target = checkpoint.ensure_writable(out_file or f"{parsed.stem}.acnet.safetensors", force=force)
     checkpoint.serialization(target)
-    options = acify_options({}, block=block_choice(block), init=init, gamma_init=gamma_init, structure=structure)
+    options = acify_options({}, block=block_choice(block), block_options=block_options(block_option), init=init,
+                            gamma_init=gamma_init, structure=structure)  # fmt: skip
     examples = Examples.given(inputs)
     with session.spinner(f"converting {spec}"):
         check_block(parsed, options)

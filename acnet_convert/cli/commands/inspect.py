@@ -6,7 +6,17 @@ import warnings
 
 from ..examples import Examples
 from ..framework import epilog
-from ..options import Args, Block, ExampleInputs, Spec, Structure, acify_options, block_choice
+from ..options import (
+    Args,
+    Block,
+    BlockOption,
+    ExampleInputs,
+    Spec,
+    Structure,
+    acify_options,
+    block_choice,
+    block_options,
+)  # fmt: skip
 from ..render import report_plan
 from ..restore import acified, check_block, model_spec
 from ..session import Session
@@ -23,6 +33,7 @@ def main(
     spec: Spec,
     arg: Args = None,
     block: Block = None,
+    block_option: BlockOption = None,
     *,
     structure: Structure,
     inputs: ExampleInputs,
@@ -31,7 +42,8 @@ def main(
     from ...api import deploy
 
     parsed = model_spec(session, spec, arg)
-    options = acify_options({}, block=block_choice(block), structure=structure)
+    options = acify_options({}, block=block_choice(block), block_options=block_options(block_option),
+                            structure=structure)  # fmt: skip
     examples = Examples.given(inputs)
     with session.spinner(f"analysing {spec}"):
         check_block(parsed, options)
