@@ -21,8 +21,9 @@ from .analysis import (
     norm_tail,
     plain_conv,
 )  # fmt: skip
+from . import repopt
 from .blocks import BLOCK_CONVS, PaddedBlock, block_class, is_block, resolve_padding
-from .constants import DEFAULT_GAMMA, DEFAULT_KIND, DEFAULT_MIN_KERNEL, INITS, LAYOUTS, MODES
+from .constants import DEFAULT_GAMMA, DEFAULT_KIND, DEFAULT_MIN_KERNEL, DEFAULT_REPOPT_SCALE, INITS, LAYOUTS, MODES, REPOPT_KINDS
 from .errors import ACNetError, warn
 from .modules import class_path, modes_kept, replace_module
 
@@ -76,7 +77,9 @@ def acify(
     site with the decision taken and why.  ``block`` is a kind (``"acb"``, ``"dbb"``, ``"repvgg"``, ...) or a
     mapping from qualified-name pattern to kind (first match wins, unmatched convs get ``"acb"``).
     ``mode="exact"`` builds the paper's blocks (a BatchNorm per branch, absorbing the conv's BatchNorm);
-    ``mode="fast"`` builds their linearised form (one conv per forward, every BatchNorm left in place).
+    ``mode="fast"`` builds their linearised form (one conv per forward, every BatchNorm left in place);
+    ``mode="repopt"`` keeps every conv as it is and preconditions its weight gradient as the kind's CSLA block
+    (constant branch scales of ``DEFAULT_REPOPT_SCALE``, or those ``search_scales`` found), exact under SGD.
     ``example_inputs`` (run once in eval mode) let convs inside code that torch.fx cannot trace be analysed too.
     ``layout3d`` picks ACB's branches of 3D kernels: ``"lines"`` or ``"planes"``.
     """
@@ -106,6 +109,10 @@ def apply_plan(
     """
     located = [_locate_site(model, site) for site in plan.converted]
     for site, (conv, bn) in zip(plan.converted, located):
+        if site.mode == "repopt":
+            site.scales = site.scales or repopt.default_scales(site.kind, conv, DEFAULT_REPOPT_SCALE)
+            repopt.attach(conv, site.kind, site.scales, init=init)
+            continue
         inner = plain_conv(conv) if site.adapter else conv
         block = block_class(site.kind, site.mode).from_conv(
             inner, None if bn is None else batchnorm_part(bn), init=init, gamma_init=gamma_init, layout=site.layout
@@ -148,7 +155,8 @@ def _deploy(model: nn.Module, inplace: bool, check: bool) -> nn.Module:
         if is_block(module):
             names.setdefault(id(module), []).append(name)
             blocks[id(module)] = module
-    if not blocks:
+    masked = {id(m): m for m in model.modules() if repopt.is_masked(m)}
+    if not blocks and not masked:
         _warn_no_blocks(model)
     fused = {}
     for key, block in blocks.items():
@@ -160,8 +168,12 @@ def _deploy(model: nn.Module, inplace: bool, check: bool) -> nn.Module:
         for key, conv in fused.items():
             for name in names[key]:
                 replace_module(model, name, conv)
-        return model
-    return copy.deepcopy(model, memo=dict(fused))
+    else:
+        model = copy.deepcopy(model, memo=dict(fused))
+    for conv in model.modules():
+        if repopt.is_masked(conv):
+            repopt.strip(conv)
+    return model
 
 
 def _locate_site(model: nn.Module, site: Site) -> tuple[nn.Module, nn.Module | None]:
@@ -234,6 +246,13 @@ def _check_block_choice(block: BlockChoice, mode: str) -> None:
     """Every kind ``block`` names exists in ``mode`` (``ACNetError`` naming the registered ones otherwise)."""
     if mode not in MODES:
         raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "repopt":
+        mode = "fast"  # the gradient preconditioner reproduces a kind's fast (linear) branches
+        kinds = [block] if isinstance(block, str) else [*block.values()] if isinstance(block, Mapping) else []
+        for kind in kinds:
+            if isinstance(kind, str) and kind not in REPOPT_KINDS:
+                block_class(kind, "exact")  # an unknown kind is named as such
+                raise ACNetError(f"block kind {kind!r} has no repopt mode: use one of {', '.join(REPOPT_KINDS)}")
     if isinstance(block, str):
         block_class(block, mode)
         return

@@ -24,7 +24,7 @@ class Site:
     conv_type: str = "Conv2d"
     branches: str = ""  # the block's branches, e.g. "3x3 + 3x1 + 1x3"
     kind: str | None = None  # the block kind ("acb", "dbb", ...); None for a skipped conv
-    mode: str | None = None  # "exact" or "fast"; None for a skipped conv
+    mode: str | None = None  # "exact", "fast" or "repopt"; None for a skipped conv
     layout: str = "lines"  # the block's branch arrangement option (ACB's 3D lines or planes)
     aliases: list[str] = field(default_factory=list)  # other names the same conv is registered under
     bn_aliases: list[str] = field(default_factory=list)  # other names of the absorbed BatchNorm
@@ -35,6 +35,7 @@ class Site:
     adapter: str | None = None  # the conv class whose own padding the block repeats (see adapters.py)
     evidence: str = ""  # "fx", "example run" or "source": what the decision rests on
     codes: list[str] = field(default_factory=list)  # the stable code of every part of the reason, in order
+    scales: dict[str, list[float]] = field(default_factory=dict)  # repopt: each CSLA branch's constant scales
 
     @property
     def code(self) -> str:
