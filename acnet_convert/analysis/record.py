@@ -53,7 +53,9 @@ class Site:
         self.codes = [r.code for r in reasons]
 
     def as_dict(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in self.__dict__.items()}
+        """The site as JSON-ready values; ``scales`` only where a repopt site has them."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in self.__dict__.items()
+                if key != "scales" or value}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Site:

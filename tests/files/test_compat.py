@@ -77,6 +77,11 @@ def test_inspect_json_is_the_020_document(tmp_path, monkeypatch):
 REWORDED = {
     ("deploy", "fmt"): ("the layout of the weights written", "the form of the weights written"),
 }
+# Choices added since 0.2.0 (every old choice is still there): parameter -> (old type, new type, words added to help).
+EXTENDED = {
+    "mode": ("typing.Literal['exact', 'fast']", "typing.Literal['exact', 'fast', 'repopt']",
+             "; repopt: the convs stay plain, their gradients preconditioned (exact under SGD)."),
+}
 
 
 def test_every_command_option_and_default_is_the_020_one():
@@ -85,4 +90,10 @@ def test_every_command_option_and_default_is_the_020_one():
         param = next(p for p in recorded[command][1:] if p["name"] == name)
         assert old in param["help"]
         param["help"] = param["help"].replace(old, new)
+    for command in recorded.values():
+        for param in command[1:]:
+            if param["name"] in EXTENDED:
+                old, new, added = EXTENDED[param["name"]]
+                assert param["type"] == old
+                param["type"], param["help"] = new, param["help"].removesuffix(".") + added
     assert cli_surface(app) == recorded
