@@ -39,30 +39,32 @@ def preconditioner(
     scales: Mapping[str, Tensor],
     *,
     identity: bool,
+    power: int = 2,
 ) -> tuple[Tensor, Tensor | None]:
     """``(mask, pool)`` of ``P(G) = mask·G + pool·Σ_taps G`` for a 2D kernel of ``shape`` (float64).
 
     ``scales`` maps each branch to its scales (one per output channel, or one for all); ``identity`` adds
     RepVGG's identity branch (in == out channels, stride 1).  ``pool`` (one per output channel) is None but for
-    DBB.
+    DBB.  ``power=1`` gives ``Σᵢ|αᵢ|`` per tap instead: how far AdamW moves the kernel per unit of its own
+    update (each branch's Adam step is the kernel's, up to ε, times the sign of its scale).
     """
     out, width, kh, kw = shape
     row, column = kh // 2, kw // 2
 
-    def squared(name: str) -> Tensor:  # one per output channel, broadcast over the rest of the kernel
-        return scales[name].to(torch.float64).reshape(-1, 1, 1, 1) ** 2
+    def part(name: str) -> Tensor:  # |αᵢ|^power, one per output channel, broadcast over the kernel
+        return scales[name].to(torch.float64).reshape(-1, 1, 1, 1).abs() ** power
 
-    mask = torch.zeros(out, width, kh, kw, dtype=torch.float64) + squared("square")
+    mask = torch.zeros(out, width, kh, kw, dtype=torch.float64) + part("square")
     if kind == "acb":
-        mask[:, :, row : row + 1, :] += squared("row")
-        mask[:, :, :, column : column + 1] += squared("column")
+        mask[:, :, row : row + 1, :] += part("row")
+        mask[:, :, :, column : column + 1] += part("column")
     if "pointwise" in scales:
-        mask[:, :, row : row + 1, column : column + 1] += squared("pointwise")
+        mask[:, :, row : row + 1, column : column + 1] += part("pointwise")
     if kind == "repvgg" and identity:
         mask += embed_centre(identity_kernel(out, width * groups, groups, dtype=torch.float64), (kh, kw))
     pool = None
     if kind == "dbb":
-        pool = (squared("avg") / (kh * kw) ** 2).expand(out, 1, 1, 1).clone()
+        pool = (part("avg") / (kh * kw) ** 2).expand(out, 1, 1, 1).clone()
     return mask, pool
 
 

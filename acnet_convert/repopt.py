@@ -13,18 +13,20 @@ import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .blocks import block_class
 from .constants import REPOPT_KINDS
 from .errors import ACNetError, warn
 from .preconditioners import branches, csla_kernel, precondition, preconditioner
 
-MASK, POOL = "repopt_mask", "repopt_pool"  # the buffers of a conv with a preconditioned gradient
-ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
-            torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.RMSprop, torch.optim.SparseAdam)  # fmt: skip
-_MARK = "acnet_repopt"  # set on a weight tensor whose gradient is preconditioned
+MASK, POOL, ADAM = "repopt_mask", "repopt_pool", "repopt_adam"  # the buffers of a conv with a preconditioner
+ADAMS = (torch.optim.Adam, torch.optim.AdamW)  # their update is scaled by ADAM (see preconditioners.py)
+ADAPTIVE = (torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adagrad, torch.optim.Adadelta,
+            torch.optim.RMSprop, torch.optim.SparseAdam)  # fmt: skip
+_HOOKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id -> (weight tensor, its conv), for hooked weights
 _CHECKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose algorithm was checked at their first step
+_ADAM_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Adam(W) -> the weights before its step
 _TORCH = torch.__file__.rsplit("/", 1)[0]
 
 
@@ -72,6 +74,9 @@ def attach(conv: nn.Conv2d, kind: str, scales: dict[str, list[float]], *, init: 
     conv.register_buffer(MASK, mask.to(**factory), persistent=False)
     if pool is not None:
         conv.register_buffer(POOL, pool.to(**factory), persistent=False)
+    else:
+        adam, _ = preconditioner(kind, conv.weight.shape, conv.groups, tensors, identity=_identity(conv), power=1)
+        conv.register_buffer(ADAM, adam.to(**factory), persistent=False)
     conv.register_forward_pre_hook(WeightHook())
     _watch_optimizers()
 
@@ -81,7 +86,7 @@ def strip(conv: nn.Conv2d) -> None:
     for key, hook in list(conv._forward_pre_hooks.items()):
         if isinstance(hook, WeightHook):
             del conv._forward_pre_hooks[key]
-    for name in (MASK, POOL):
+    for name in (MASK, POOL, ADAM):
         conv._buffers.pop(name, None)
     conv.weight = nn.Parameter(conv.weight.detach(), requires_grad=conv.weight.requires_grad)
 
@@ -108,7 +113,8 @@ class WeightHook:
         if weight.requires_grad and (self.hooked is None or self.hooked() is not weight):
             weight.register_hook(_Precondition(conv))
             self.hooked = weakref.ref(weight)
-            setattr(weight, _MARK, True)
+            key = id(weight)
+            _HOOKED[key] = (weakref.ref(weight, lambda _: _HOOKED.pop(key, None)), weakref.ref(conv))
 
     def __getstate__(self) -> dict:
         return {"hooked": None}  # a copy's weight is a new tensor, without the hook
@@ -127,30 +133,66 @@ class _Precondition:
 
 
 def _watch_optimizers() -> None:
-    """Check, once per optimizer, at its first step, that it keeps the equivalence with the CSLA block."""
-    global _watch_optimizers_handle
-    if _watch_optimizers_handle is None:
-        _watch_optimizers_handle = register_optimizer_step_pre_hook(_check_optimizer)
+    """Check every optimizer at its first step; let Adam and AdamW move preconditioned kernels as CSLA blocks."""
+    global _watching
+    if not _watching:
+        register_optimizer_step_pre_hook(_before_step)
+        register_optimizer_step_post_hook(_after_step)
+        _watching = True
 
 
-_watch_optimizers_handle = None
+_watching = False
 
 
-def _check_optimizer(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    if optimizer in _CHECKED:
-        return
-    _CHECKED.add(optimizer)
-    masked = sum(1 for group in optimizer.param_groups for p in group["params"] if getattr(p, _MARK, False))
+def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    if optimizer not in _CHECKED:
+        _CHECKED.add(optimizer)
+        _check(optimizer)
+    if isinstance(optimizer, ADAMS):
+        _ADAM_STEPS[optimizer] = [(p, group, p.detach().clone()) for group in optimizer.param_groups
+                                  for p in group["params"] if _adam_scale(p) is not None]  # fmt: skip
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Scale the adaptive part of each preconditioned kernel's Adam(W) step by ``Σᵢ|αᵢ|``; decoupled decay as is."""
+    with torch.no_grad():
+        for p, group, before in _ADAM_STEPS.pop(optimizer, ()):
+            decayed = before
+            if group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)):
+                decayed = before * (1 - group["lr"] * group["weight_decay"])
+            p.copy_(decayed + _adam_scale(p) * (p - decayed))
+
+
+def _conv_of(weight: Tensor) -> nn.Module | None:
+    """The conv whose preconditioner ``weight`` carries, or None."""
+    tensor, conv = _HOOKED.get(id(weight), (lambda: None, lambda: None))
+    return conv() if tensor() is weight else None
+
+
+def _adam_scale(weight: Tensor) -> Tensor | None:
+    conv = _conv_of(weight)
+    return None if conv is None or conv.weight is not weight else conv._buffers.get(ADAM)
+
+
+def _check(optimizer: torch.optim.Optimizer) -> None:
+    """One warning, at an optimizer's first step, when it breaks the equivalence with the CSLA block."""
+    masked = [p for group in optimizer.param_groups for p in group["params"] if _conv_of(p) is not None]
     if not masked or type(optimizer) is torch.optim.SGD:
         return
     name = type(optimizer).__name__
-    if isinstance(optimizer, ADAPTIVE):
-        why = (f"{name} scales each weight's step by its own gradient's size, so a constant gradient multiplier "
-               "barely changes its steps")  # fmt: skip
+    coupled = [g for g in optimizer.param_groups if g.get("weight_decay") and not g.get("decoupled_weight_decay")]
+    if isinstance(optimizer, ADAMS) and any(_adam_scale(p) is None for p in masked):
+        why = f"{name}, under which DBB's average-pool branch has no equivalent (it is exact under SGD)"
+    elif type(optimizer) is torch.optim.Adam and coupled:
+        why = f"{name} with weight_decay (L2 added to the gradient, then normalised): use AdamW"
+    elif isinstance(optimizer, ADAMS):
+        return
+    elif isinstance(optimizer, ADAPTIVE):
+        why = f"{name}, which scales each weight's step by its own gradient's size, so the preconditioner barely acts"
     else:
-        why = f"the equivalence with the CSLA block is proven for torch.optim.SGD only, not for {name}"
-    warn(f"{masked} weight(s) with a repopt gradient preconditioner are trained by {why}: use torch.optim.SGD "
-         "(momentum, Nesterov and weight decay keep it exact), or acify with mode='fast'", skip=(_TORCH,))
+        why = f"{name}: the equivalence with the CSLA block holds for SGD and Adam(W) only"
+    warn(f"{len(masked)} weight(s) with a repopt gradient preconditioner are trained by {why}; use "
+         "torch.optim.SGD (exact) or AdamW (exact up to its eps), or acify with mode='fast'", skip=(_TORCH,))
 
 
 def _scratch_kernel(conv: nn.Conv2d, kind: str, scales: dict[str, Tensor]) -> Tensor:

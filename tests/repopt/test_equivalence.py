@@ -51,3 +51,28 @@ def test_one_step_moves_the_kernel_by_the_preconditioned_gradient(kind):
             predicted = predicted + conv.repopt_pool * plain_step.sum((2, 3), keepdim=True)
         assert relative(step, predicted) <= 1e-10, name
         assert relative(step, kernels(csla)[name] - start[name]) <= 1e-10, name
+
+
+def adamw_errors(kind: str, eps: float) -> list[float]:
+    """Per conv: how far the preconditioned conv's AdamW steps are from the CSLA block's, relative to them."""
+    csla, repopt, plain = twins(kind)
+    start = kernels(repopt)
+    data = batches(STEPS)
+    adamw = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 5e-2, "eps": eps}
+    train(csla, data, torch.optim.AdamW(csla.parameters(), **adamw))
+    train(repopt, data, torch.optim.AdamW(repopt.parameters(), **adamw))
+    train(plain, data, torch.optim.AdamW(plain.parameters(), **adamw))
+    want, got, unmasked = kernels(csla), kernels(repopt), kernels(plain)
+    for name in CONVS:
+        assert relative(unmasked[name] - start[name], want[name] - start[name]) > 1e-2, name  # the scale acts
+    return [relative(got[n] - start[n], want[n] - start[n]) for n in CONVS]
+
+
+@pytest.mark.parametrize("kind", ["acb", "repvgg"])
+def test_adamw_on_the_preconditioned_conv_is_adamw_on_the_csla_block_up_to_eps(kind):
+    """Each branch's Adam step is the kernel's times the sign of its scale, up to eps, so the two trainings differ
+    by O(eps / |gradient|): here at most 1e-2 of the steps with AdamW's default eps=1e-8, and 1e-10 with
+    eps=1e-16, the difference shrinking with eps (so eps is all that differs)."""
+    default, tiny = adamw_errors(kind, 1e-8), adamw_errors(kind, 1e-16)
+    assert max(default) <= 1e-2 and max(tiny) <= 1e-10
+    assert all(t <= d * 1e-5 for t, d in zip(tiny, default))

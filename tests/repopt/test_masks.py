@@ -142,11 +142,15 @@ def test_unsupported_kinds_and_convs_are_named():
     assert [s.action for s in recorded.sites] == ["skip", "skip"]
 
 
-@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.RMSprop])
-def test_adaptive_optimizers_are_warned_about_once(optimizer, data):
+@pytest.mark.parametrize(("kind", "optimizer", "options", "says"), [
+    ("acb", torch.optim.RMSprop, {}, "barely acts"),
+    ("acb", torch.optim.Adam, {"weight_decay": 1e-4}, "use AdamW"),
+    ("dbb", torch.optim.AdamW, {}, "average-pool branch"),
+])  # fmt: skip
+def test_optimizers_that_break_the_equivalence_are_warned_about_once(kind, optimizer, options, says, data):
     x, y = data
-    model = acify(Net().double(), block="acb", mode="repopt")
-    opt = optimizer(model.parameters(), lr=1e-3)
+    model = acify(Net().double(), block=kind, mode="repopt")
+    opt = optimizer(model.parameters(), lr=1e-3, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -154,16 +158,19 @@ def test_adaptive_optimizers_are_warned_about_once(optimizer, data):
             F.cross_entropy(model(x), y).backward()
             opt.step()  # the warning points here
     messages = [w for w in caught if "repopt" in str(w.message)]
-    assert len(messages) == 1 and optimizer.__name__ in str(messages[0].message)
+    assert len(messages) == 1 and optimizer.__name__ in str(messages[0].message) and says in str(messages[0].message)
     assert messages[0].filename == __file__
 
 
-def test_sgd_is_not_warned_about(data):
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
+def test_sgd_and_adamw_are_not_warned_about(optimizer, data):
     x, y = data
     model = acify(Net().double(), block="acb", mode="repopt")
+    opt = optimizer(model.parameters(), lr=1e-3, weight_decay=1e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        one_step(model, x, y)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
 
 
 def test_ddp_reduces_the_preconditioned_gradient(tmp_path, data):
