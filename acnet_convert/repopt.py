@@ -54,13 +54,11 @@ def default_scales(kind: str, conv: nn.Module, scale: float) -> dict[str, list[f
 
 
 def attach(conv: nn.Conv2d, kind: str, scales: dict[str, list[float]], *, init: str = "preserve") -> None:
-    """Precondition ``conv``'s weight gradient as ``kind``'s CSLA block with ``scales`` (changed in place).
+    """Precondition ``conv``'s weight gradient as ``kind``'s CSLA block with ``scales`` (changed in place; the plan
+    has checked that ``kind`` takes it).
 
     ``init="scratch"`` first sets the kernel to the CSLA sum of the branches' own initial kernels.
     """
-    problem = conv_problem(kind, conv)
-    if problem:
-        raise ACNetError(f"mode='repopt' cannot train this conv as {kind}: {problem}")
     wanted = branches(kind, depthwise=_depthwise(conv))
     if sorted(scales) != sorted(wanted) or any(len(v) not in (1, conv.out_channels) for v in scales.values()):
         raise ACNetError(f"{kind} repopt scales must give {', '.join(wanted)}, each one value or one per output "

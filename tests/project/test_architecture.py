@@ -18,7 +18,7 @@ LAYERS = [
     ("blocks", ["blocks", "repopt"]),
     ("analysis", ["analysis"]),
     ("checks", ["checks"]),
-    ("public API", ["api"]),
+    ("public API", ["api", "scale_search"]),
     ("files", ["files"]),
     ("front ends", ["cli", "integrations", "training", "demo", "lightning_callback", "__init__"]),
 ]

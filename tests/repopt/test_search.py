@@ -1,0 +1,40 @@
+"""search_scales: the fast blocks trained on the data, their scales recorded in the plan and frozen into masks."""
+
+import pytest
+import torch
+from csla import CONVS, Net
+
+from acnet_convert import ACNetError, load, save_weights, search_scales
+from acnet_convert.repopt import is_masked
+
+
+def data(batches=3):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, 12, 12, generator=generator), torch.randint(0, 4, (8,), generator=generator))
+            for _ in range(batches)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["acb", "repvgg", "dbb"])
+def test_the_searched_scales_are_recorded_and_become_the_masks(kind, tmp_path):
+    model = Net()
+    found = search_scales(model, data(), block=kind, epochs=2, lr=0.1)
+    assert not any(is_masked(m) for m in model.modules())  # the model given is left as it was
+    for site in found.acnet_plan.converted:
+        conv = found.get_submodule(site.name)
+        assert is_masked(conv) and site.mode == "repopt"
+        square = torch.tensor(site.scales["square"])
+        assert square.shape == (conv.out_channels,) and (square - 1).abs().max() > 1e-4  # trained away from 1
+        corner = conv.repopt_mask[:, 0, 0, 0].double()  # only the KxK branch covers a corner
+        assert torch.allclose(corner, square.double() ** 2, rtol=1e-6)
+    assert sorted({n for s in found.acnet_plan.converted for n in s.scales}) == sorted(
+        {"acb": ["square", "row", "column"], "repvgg": ["square", "pointwise"], "dbb": ["square", "pointwise", "avg"]}
+        [kind])  # fmt: skip
+    loaded = load(Net(), save_weights(found, tmp_path / "searched.safetensors"))
+    assert all(torch.equal(getattr(loaded, n).repopt_mask, getattr(found, n).repopt_mask) for n in CONVS)
+
+
+def test_bad_search_arguments_are_named():
+    with pytest.raises(ACNetError, match="epochs >= 1"):
+        search_scales(Net(), data(), epochs=0)
+    with pytest.raises(ACNetError, match="no batches"):
+        search_scales(Net(), [])
