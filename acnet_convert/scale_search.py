@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import api
+from .analysis import BlockChoice
 from .blocks import PaddedBlock
 from .constants import DEFAULT_KIND
 from .errors import ACNetError
@@ -28,7 +29,7 @@ def search_scales(
     model: nn.Module,
     data: Iterable,
     *,
-    block: str = DEFAULT_KIND,
+    block: BlockChoice = DEFAULT_KIND,
     epochs: int = 1,
     lr: float = 0.01,
     momentum: float = 0.9,
@@ -45,8 +46,6 @@ def search_scales(
     """
     if epochs < 1:
         raise ACNetError(f"search_scales needs epochs >= 1, got {epochs}")
-    if not isinstance(block, str):
-        raise ACNetError("search_scales takes one block kind (block='acb', 'repvgg' or 'dbb')")
     recorded = api.plan(model, block=block, mode="repopt", **options)
     searcher = api.acify(model, block=block, mode="fast", init="scratch", gamma_init=1.0, **options)
     blocks = {site.name: _fast_block(searcher.get_submodule(site.name)) for site in recorded.converted}

@@ -1,11 +1,19 @@
 """search_scales: the fast blocks trained on the data, their scales recorded in the plan and frozen into masks."""
 
+import shutil
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from csla import CONVS, Net
+from typer.testing import CliRunner
 
 from acnet_convert import ACNetError, load, save_weights, search_scales
+from acnet_convert.cli import app
 from acnet_convert.repopt import is_masked
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def data(batches=3):
@@ -38,3 +46,25 @@ def test_bad_search_arguments_are_named():
         search_scales(Net(), data(), epochs=0)
     with pytest.raises(ACNetError, match="no batches"):
         search_scales(Net(), [])
+
+
+def test_the_command_line_searches_the_scales_and_names_its_flags(tmp_path, monkeypatch):
+    shutil.copy(FIXTURES / "models.py", tmp_path / "models.py")
+    monkeypatch.chdir(tmp_path)
+    torch.save({"inputs": torch.randn(40, 3, 16, 16), "targets": torch.randint(0, 5, (40,))}, "batches.pt")
+    convert = ["convert", "models.py:TinyNet", "--input-shape", "1,3,16,16", "--quiet"]
+    result = CliRunner().invoke(app, [*convert, "--mode", "repopt", "--block", "repvgg", "--search-scales",
+                                      "batches.pt", "--search-epochs", "2", "--out", "run.safetensors"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sys.path.insert(0, str(tmp_path))
+    from models import TinyNet
+
+    trained = load(TinyNet(), "run.safetensors")
+    sites = trained.acnet_plan.converted
+    assert sites and all(s.mode == "repopt" and len(s.scales["square"]) > 1 for s in sites)
+    assert all(is_masked(trained.get_submodule(s.name)) for s in sites)
+    result = CliRunner().invoke(app, [*convert, "--search-scales", "batches.pt"])
+    assert result.exit_code == 2 and "error: --search-scales" in result.output and "--mode repopt" in result.output
+    torch.save({"inputs": torch.randn(4, 3, 16, 16)}, "bad.pt")
+    result = CliRunner().invoke(app, [*convert, "--mode", "repopt", "--search-scales", "bad.pt"])
+    assert result.exit_code == 2 and "error: --search-scales bad.pt must hold" in result.output
