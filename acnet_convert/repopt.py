@@ -86,6 +86,7 @@ def strip(conv: nn.Conv2d) -> None:
             del conv._forward_pre_hooks[key]
     for name in (MASK, POOL, ADAM):
         conv._buffers.pop(name, None)
+        conv._non_persistent_buffers_set.discard(name)
     conv.weight = nn.Parameter(conv.weight.detach(), requires_grad=conv.weight.requires_grad)
 
 

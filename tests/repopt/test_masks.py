@@ -80,7 +80,8 @@ def test_deploy_leaves_no_trace(kind, data):
     model(x)
     for deployed in (deploy(model), deploy(copy.deepcopy(model), inplace=True)):
         assert not has_masks(deployed)
-        assert all(not m._forward_pre_hooks and "repopt_mask" not in m._buffers for m in deployed.modules())
+        assert all(not m._forward_pre_hooks and not m._non_persistent_buffers_set for m in deployed.modules())
+        assert b"repopt_" not in pickle.dumps(deployed) and b"WeightHook" not in pickle.dumps(deployed)
         assert all(not p._backward_hooks for p in deployed.parameters())
         assert torch.equal(deployed(x), model(x))
     assert has_masks(model)  # deploy copies unless inplace
