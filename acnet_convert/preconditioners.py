@@ -41,7 +41,8 @@ def preconditioner(
     identity: bool,
     power: int = 2,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(mask, pool)`` of ``P(G) = mask·G + pool·Σ_taps G`` for a 2D kernel of ``shape`` (float64).
+    """``(mask, pool)`` of ``P(G) = mask·G + pool·Σ_taps G`` for a 2D kernel of ``shape`` (float64; ``mask`` has
+    one input channel, broadcast, unless RepVGG's identity makes the input channels differ).
 
     ``scales`` maps each branch to its scales (one per output channel, or one for all); ``identity`` adds
     RepVGG's identity branch (in == out channels, stride 1).  ``pool`` (one per output channel) is None but for
@@ -54,14 +55,14 @@ def preconditioner(
     def part(name: str) -> Tensor:  # |αᵢ|^power, one per output channel, broadcast over the kernel
         return scales[name].to(torch.float64).reshape(-1, 1, 1, 1).abs() ** power
 
-    mask = torch.zeros(out, width, kh, kw, dtype=torch.float64) + part("square")
+    mask = torch.zeros(out, 1, kh, kw, dtype=torch.float64) + part("square")  # the same for every input channel
     if kind == "acb":
         mask[:, :, row : row + 1, :] += part("row")
         mask[:, :, :, column : column + 1] += part("column")
     if "pointwise" in scales:
         mask[:, :, row : row + 1, column : column + 1] += part("pointwise")
     if kind == "repvgg" and identity:
-        mask += embed_centre(identity_kernel(out, width * groups, groups, dtype=torch.float64), (kh, kw))
+        mask = mask + embed_centre(identity_kernel(out, width * groups, groups, dtype=torch.float64), (kh, kw))
     pool = None
     if kind == "dbb":
         pool = (part("avg") / (kh * kw) ** 2).expand(out, 1, 1, 1).clone()
