@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import repopt
 from .analysis import (
     NEEDS_EXAMPLE_RUN,
     BlockChoice,
@@ -21,9 +22,17 @@ from .analysis import (
     norm_tail,
     plain_conv,
 )  # fmt: skip
-from . import repopt
 from .blocks import BLOCK_CONVS, PaddedBlock, block_class, is_block, resolve_padding
-from .constants import DEFAULT_GAMMA, DEFAULT_KIND, DEFAULT_MIN_KERNEL, DEFAULT_REPOPT_SCALE, INITS, LAYOUTS, MODES, REPOPT_KINDS
+from .constants import (
+    DEFAULT_GAMMA,
+    DEFAULT_KIND,
+    DEFAULT_MIN_KERNEL,
+    DEFAULT_REPOPT_SCALE,
+    INITS,
+    LAYOUTS,
+    MODES,
+    REPOPT_KINDS,
+)
 from .errors import ACNetError, warn
 from .modules import class_path, modes_kept, replace_module
 
@@ -155,8 +164,7 @@ def _deploy(model: nn.Module, inplace: bool, check: bool) -> nn.Module:
         if is_block(module):
             names.setdefault(id(module), []).append(name)
             blocks[id(module)] = module
-    masked = {id(m): m for m in model.modules() if repopt.is_masked(m)}
-    if not blocks and not masked:
+    if not blocks and not repopt.has_masks(model):
         _warn_no_blocks(model)
     fused = {}
     for key, block in blocks.items():
@@ -246,13 +254,13 @@ def _check_block_choice(block: BlockChoice, mode: str) -> None:
     """Every kind ``block`` names exists in ``mode`` (``ACNetError`` naming the registered ones otherwise)."""
     if mode not in MODES:
         raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    if mode == "repopt":
-        mode = "fast"  # the gradient preconditioner reproduces a kind's fast (linear) branches
-        kinds = [block] if isinstance(block, str) else [*block.values()] if isinstance(block, Mapping) else []
-        for kind in kinds:
+    if mode == "repopt":  # a kind's repopt form preconditions what its fast block trains
+        named = [block] if isinstance(block, str) else list(block.values()) if isinstance(block, Mapping) else []
+        for kind in named:
             if isinstance(kind, str) and kind not in REPOPT_KINDS:
                 block_class(kind, "exact")  # an unknown kind is named as such
                 raise ACNetError(f"block kind {kind!r} has no repopt mode: use one of {', '.join(REPOPT_KINDS)}")
+        mode = "fast"
     if isinstance(block, str):
         block_class(block, mode)
         return

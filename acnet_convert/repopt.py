@@ -9,6 +9,7 @@ the preconditioned gradient, AMP's scale passes through it (all linear).
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -27,7 +28,7 @@ ADAPTIVE = (torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.opti
 _HOOKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id -> (weight tensor, its conv), for hooked weights
 _CHECKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose algorithm was checked at their first step
 _ADAM_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Adam(W) -> the weights before its step
-_TORCH = torch.__file__.rsplit("/", 1)[0]
+_TORCH = os.path.dirname(torch.__file__) + os.sep  # warnings point past torch.optim, at the caller of step()
 
 
 def conv_problem(kind: str, conv: nn.Module) -> str:
@@ -61,8 +62,8 @@ def attach(conv: nn.Conv2d, kind: str, scales: dict[str, list[float]], *, init: 
     """
     wanted = branches(kind, depthwise=_depthwise(conv))
     if sorted(scales) != sorted(wanted) or any(len(v) not in (1, conv.out_channels) for v in scales.values()):
-        raise ACNetError(f"{kind} repopt scales must give {', '.join(wanted)}, each one value or one per output "
-                         f"channel ({conv.out_channels}); got {dict((k, len(v)) for k, v in scales.items())}")
+        raise ACNetError(f"the plan's {kind} repopt scales must give {', '.join(wanted)}, each one value or one per output "
+                         f"channel ({conv.out_channels}); got {({k: len(v) for k, v in scales.items()})}")
     tensors = {name: torch.tensor(values, dtype=torch.float64) for name, values in scales.items()}
     if init == "scratch":
         with torch.no_grad():

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from .. import api
 from ..analysis import Plan
-from ..repopt import has_masks
 from ..blocks import has_blocks, kinds
 from ..constants import FILE_FORMATS
 from ..errors import ACNetError
+from ..repopt import has_masks
 from . import checkpoint
 
 NOT_STRUCTURE = ("init", "gamma_init")  # acify options that only set the initial weights, which a file replaces

@@ -3,17 +3,13 @@ resumes with them, and the deployed module has none."""
 
 import copy
 
-import pytest
+import torch
+from test_training_lightning import Classifier, loader, trainer
+from torch.nn import functional as F
 
-pl = pytest.importorskip("lightning.pytorch")
-
-import torch  # noqa: E402
-from test_training_lightning import Classifier, loader, trainer  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from acnet_convert import acify  # noqa: E402
-from acnet_convert.integrations.lightning import ACNetCallback  # noqa: E402
-from acnet_convert.repopt import has_masks, is_masked  # noqa: E402
+from acnet_convert import acify
+from acnet_convert.integrations.lightning import ACNetCallback
+from acnet_convert.repopt import has_masks, is_masked
 
 STEPS = 2
 

@@ -17,7 +17,7 @@ def masked(model) -> list[str]:
     return [name for name, m in model.named_modules() if is_masked(m)]
 
 
-def test_ultralytics_trains_resumes_and_ships_a_repopt_model(env, tmp_path):
+def test_ultralytics_trains_resumes_and_ships_a_repopt_model(env, tmp_path):  # noqa: F811 (the fixture)
     from ultralytics import YOLO
 
     from acnet_convert.integrations.ultralytics import acnet_trainer, save_deployed

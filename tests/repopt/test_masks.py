@@ -75,7 +75,7 @@ def test_a_replaced_weight_is_hooked_too(data):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_deploy_leaves_no_trace(kind, data):
-    x, y = data
+    x, _ = data
     model = acify(Net().double(), block=kind, mode="repopt")
     model(x)
     for deployed in (deploy(model), deploy(copy.deepcopy(model), inplace=True)):
