@@ -129,7 +129,8 @@ class Variant:
         """``baseline`` or ``kind-mode@gamma``."""
         return self.kind_mode + (f"@{self.gamma}" if self.gamma else "") if self.kind_mode else "baseline"
 
-    def build(self, base: nn.Module, split: Split, recipe: Recipe, seed: int, device: str) -> nn.Module:
+    def build(self, base: nn.Module, *, split: Split | None = None, recipe: Recipe | None = None, seed: int = 0,
+              device: str = "cpu") -> nn.Module:  # fmt: skip
         """``base`` itself for the baseline, otherwise a converted copy with paper-style (scratch) initialisation;
         a searched repopt variant first searches its scales on ``split``'s training images (on ``device``)."""
         if not self.kind_mode:
@@ -156,7 +157,7 @@ def variants_of(kind_modes: list[str], gammas: list[str]) -> list[Variant]:
 def run_one(split: Split, model: str, variant: Variant, seed: int, recipe: Recipe, device: str) -> dict:
     """Train one variant from the seed's initial weights, deploy it and measure everything on the deployed model."""
     torch.manual_seed(seed)
-    trained = variant.build(MODELS[model](split), split, recipe, seed, device).to(device)
+    trained = variant.build(MODELS[model](split), split=split, recipe=recipe, seed=seed, device=device).to(device)
     history = train(trained, split, recipe, seed)
     deployed = deploy(trained.eval()) if variant.kind_mode else trained.eval()
     x_test = split.x_test.to(device)

@@ -102,7 +102,8 @@ def _conv_site(
         else:
             site.bn_after = bn_name or sole_bn(name, modules, flow)
             if bn_name:
-                reason = Reason("bn-kept", f"BatchNorm {bn_name} stays after the block ({site.mode} mode)")
+                where = "conv" if site.mode == "repopt" else "block"
+                reason = Reason("bn-kept", f"BatchNorm {bn_name} stays after the {where} ({site.mode} mode)")
     site.explain(*notes, *([reason] if reason else []))
     return site
 

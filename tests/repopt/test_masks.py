@@ -189,3 +189,27 @@ def test_ddp_reduces_the_preconditioned_gradient(tmp_path, data):
         dist.destroy_process_group()
     got = model.c2.weight.detach() - before
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-12
+
+
+def test_amp_scaling_passes_through_the_preconditioner(data):
+    """Autocast and a GradScaler: the scaled gradient is preconditioned, then unscaled, as if done by hand."""
+    x, y = data
+    model = acify(Net(), block="acb", mode="repopt")
+    by_hand = deploy(model)
+    masks = {name: getattr(model, name).repopt_mask for name in ("c1", "c2", "c3", "c4")}
+    start = {name: getattr(model, name).weight.detach().clone() for name in masks}
+    for net in (model, by_hand):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x.float()), y)
+        scaler.scale(loss).backward()
+        if net is by_hand:
+            for name, mask in masks.items():
+                getattr(net, name).weight.grad.mul_(mask)
+        scaler.step(optimizer)
+        scaler.update()
+    for name in masks:
+        got, want = getattr(model, name).weight, getattr(by_hand, name).weight
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), name
+        assert (got - start[name]).abs().max() > 1e-4, name  # the step was taken (the scaler found no inf)

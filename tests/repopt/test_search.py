@@ -1,5 +1,6 @@
 """search_scales: the fast blocks trained on the data, their scales recorded in the plan and frozen into masks."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -63,6 +64,14 @@ def test_the_command_line_searches_the_scales_and_names_its_flags(tmp_path, monk
     sites = trained.acnet_plan.converted
     assert sites and all(s.mode == "repopt" and len(s.scales["square"]) > 1 for s in sites)
     assert all(is_masked(trained.get_submodule(s.name)) for s in sites)
+    result = CliRunner().invoke(app, ["deploy", "models.py:TinyNet", "-w", "run.safetensors", "--out", "plain.safetensors",
+                                      "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not any(is_masked(m) for m in load(TinyNet(), "plain.safetensors").modules())
+    result = CliRunner().invoke(app, ["inspect", "models.py:TinyNet", "--mode", "repopt", "--block", "dbb", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = [s for s in json.loads(result.stdout)["sites"] if s["action"] == "convert"]
+    assert listed and all(s["mode"] == "repopt" and "(gradient)" in s["branches"] for s in listed)
     result = CliRunner().invoke(app, [*convert, "--search-scales", "batches.pt"])
     assert result.exit_code == 2 and "error: --search-scales" in result.output and "--mode repopt" in result.output
     torch.save({"inputs": torch.randn(4, 3, 16, 16)}, "bad.pt")
