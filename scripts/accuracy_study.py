@@ -419,8 +419,8 @@ def report(record: dict) -> str:
         f"{recipe.momentum:g}, weight decay {recipe.weight_decay:g}, augmentation {'on' if recipe.augment else 'off'}",
         f"- the {setup['dataset']} preset (options on the command line override it): {setup['preset']}",
         f"- variants: the baseline (the plain model, trained as it is) and `acify(model, block=KIND, mode=MODE, "
-        f"init=\"scratch\", gamma_init=g)`, named `KIND-MODE@g`, for g in {gammas} (the repopt variants have no "
-        "gamma):",
+        f"init=\"scratch\", gamma_init=g)`, named `KIND-MODE@g`, for g in {gammas}"
+        f"{' (the repopt variants have no gamma)' if set(setup['kind_modes']) & set(REPOPT_VARIANTS) else ''}:",
         *(f"  - {km}: {KIND_NOTES[km]}" for km in setup["kind_modes"]),
         f"- seeds: {', '.join(map(str, setup['seeds']))}",
         f"- ran on: {setup['device']}{' (one torch thread)' if setup['device'] == 'cpu' else ''}, {setup['cpu']}, "
