@@ -216,6 +216,8 @@ def _module_at(model: nn.Module, names: list[str], what: str) -> nn.Module:
         _misfit(names[0], f"is no longer the same module as {', '.join(names[1:])}")
     if is_block(found[0]):
         _misfit(names[0], "is already a block: apply the plan to the unmodified model")
+    if repopt.is_masked(found[0]):
+        _misfit(names[0], "already has a repopt gradient preconditioner: apply the plan to the unmodified model")
     return found[0]
 
 

@@ -133,6 +133,13 @@ def test_init_scratch_starts_from_the_csla_sum_and_preserve_keeps_the_kernel():
     assert (centre - torch.eye(8, dtype=torch.float64)).abs().max() <= bound and centre.diagonal().mean() > 0.5
 
 
+def test_a_plan_is_not_applied_twice():
+    model = acify(Net(), block="acb", mode="repopt")
+    with pytest.raises(ACNetError, match="c1 already has a repopt gradient preconditioner"):
+        apply_plan(model, model.acnet_plan)
+    assert [s.code for s in plan(model, block="acb", mode="repopt").sites] == ["hooks"] * 4  # acify converts none
+
+
 def test_unsupported_kinds_and_convs_are_named():
     with pytest.raises(ACNetError, match="qarepvgg.*no repopt mode"):
         acify(Net(), block="qarepvgg", mode="repopt")
