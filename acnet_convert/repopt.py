@@ -200,13 +200,15 @@ def _scratch_kernel(conv: nn.Conv2d, kind: str, scales: dict[str, Tensor]) -> Te
     initialisation for the others, 1 for a depthwise DBB's per-channel average and for RepVGG's identity."""
     kh, kw = conv.kernel_size
     shapes = {"row": (1, kw), "column": (kh, 1), "pointwise": (1, 1), "avg": (1, 1)}
-    kernels = {"square": conv.weight.detach().double()}
+    factory = {"dtype": torch.float64, "device": conv.weight.device}
+    kernels = {"square": conv.weight.detach().to(**factory)}
     for name in branches(kind, depthwise=_depthwise(conv))[1:]:
         if name == "avg" and _depthwise(conv):
-            kernels[name] = torch.ones(conv.out_channels, 1, 1, 1, dtype=torch.float64)
+            kernels[name] = torch.ones(conv.out_channels, 1, 1, 1, **factory)
         else:
             template = nn.Conv2d(conv.in_channels, conv.out_channels, shapes[name], groups=conv.groups, bias=False)
-            kernels[name] = template.weight.detach().double()
+            kernels[name] = template.weight.detach().to(**factory)
+    scales = {name: values.to(conv.weight.device) for name, values in scales.items()}
     kernel = csla_kernel(kind, kernels, scales, conv.groups, identity=_identity(conv))
     return kernel.to(conv.weight.dtype)
 
