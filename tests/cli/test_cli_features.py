@@ -307,7 +307,9 @@ def test_shell_completion_completes_commands_and_choices(tmp_path):
         return subprocess.run([str(ACNET)], env=env, capture_output=True, text=True, timeout=60).stdout.split()
 
     assert complete("acnet quant") == ["quantcheck"]
-    assert complete("acnet convert m.py --mode ") == ["exact", "fast"]
+    from acnet_convert.constants import MODES
+
+    assert complete("acnet convert m.py --mode ") == list(MODES)
     # "; true" keeps bash running as acnet's parent (bash -c would exec a lone command), so bash is detected
     shown = subprocess.run(["bash", "-c", f"{ACNET} --show-completion; true"], capture_output=True, text=True,
                            timeout=60)  # fmt: skip
