@@ -35,6 +35,7 @@ _EXPORTS = {
     "register_conv_adapter": "analysis.adapters",
     "register_norm_adapter": "analysis.adapters",
     "save_weights": "files.roundtrip",
+    "search_scales": "scale_search",
     "verify": "checks.verify",
 }
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import repopt
 from .analysis import (
     NEEDS_EXAMPLE_RUN,
     BlockChoice,
@@ -23,7 +24,16 @@ from .analysis import (
     plain_conv,
 )  # fmt: skip
 from .blocks import BLOCK_CONVS, PaddedBlock, block_class, has_blocks, is_block, resolve_padding
-from .constants import DEFAULT_GAMMA, DEFAULT_KIND, DEFAULT_MIN_KERNEL, INITS, LAYOUTS, MODES
+from .constants import (
+    DEFAULT_GAMMA,
+    DEFAULT_KIND,
+    DEFAULT_MIN_KERNEL,
+    DEFAULT_REPOPT_SCALE,
+    INITS,
+    LAYOUTS,
+    MODES,
+    REPOPT_KINDS,
+)
 from .errors import ACNetError, warn
 from .modules import class_path, modes_kept, replace_module
 
@@ -80,7 +90,9 @@ def acify(
     site with the decision taken and why.  ``block`` is a kind (``"acb"``, ``"dbb"``, ``"repvgg"``, ...) or a
     mapping from qualified-name pattern to kind (first match wins, unmatched convs get ``"acb"``).
     ``mode="exact"`` builds the paper's blocks (a BatchNorm per branch, absorbing the conv's BatchNorm);
-    ``mode="fast"`` builds their linearised form (one conv per forward, every BatchNorm left in place).
+    ``mode="fast"`` builds their linearised form (one conv per forward, every BatchNorm left in place);
+    ``mode="repopt"`` keeps every conv as it is and preconditions its weight gradient as the kind's CSLA block
+    (constant branch scales of ``DEFAULT_REPOPT_SCALE``, or those ``search_scales`` found), exact under SGD.
     ``example_inputs`` (run once in eval mode) let convs inside code that torch.fx cannot trace be analysed too.
     ``layout3d`` picks ACB's branches of 3D kernels: ``"lines"`` or ``"planes"``.  ``block_options`` sets the
     options of the kinds that have some, by kind: ``{"mobileone": {"k": 2}}`` (the plan records every value).
@@ -112,6 +124,10 @@ def apply_plan(
     """
     located = [_locate_site(model, site) for site in plan.converted]
     for site, (conv, bn) in zip(plan.converted, located):
+        if site.mode == "repopt":
+            site.scales = site.scales or repopt.default_scales(site.kind, conv, DEFAULT_REPOPT_SCALE)
+            repopt.attach(conv, site.kind, site.scales, init=init)
+            continue
         inner = plain_conv(conv) if site.adapter else conv
         block = block_class(site.kind, site.mode).from_conv(
             inner, None if bn is None else batchnorm_part(bn), init=init, gamma_init=gamma_init, layout=site.layout,
@@ -202,7 +218,7 @@ def _deploy(model: nn.Module, inplace: bool, check: bool) -> nn.Module:
         if is_block(module):
             names.setdefault(id(module), []).append(name)
             blocks[id(module)] = module
-    if not blocks:
+    if not blocks and not repopt.has_masks(model):
         _warn_no_blocks(model)
     fused = {}
     for key, block in blocks.items():
@@ -214,8 +230,12 @@ def _deploy(model: nn.Module, inplace: bool, check: bool) -> nn.Module:
         for key, conv in fused.items():
             for name in names[key]:
                 replace_module(model, name, conv)
-        return model
-    return copy.deepcopy(model, memo=dict(fused))
+    else:
+        model = copy.deepcopy(model, memo=dict(fused))
+    for conv in model.modules():
+        if repopt.is_masked(conv):
+            repopt.strip(conv)
+    return model
 
 
 def _locate_site(model: nn.Module, site: Site) -> tuple[nn.Module, nn.Module | None]:
@@ -250,6 +270,8 @@ def _module_at(model: nn.Module, names: list[str], what: str) -> nn.Module:
         _misfit(names[0], f"is no longer the same module as {', '.join(names[1:])}")
     if is_block(found[0]):
         _misfit(names[0], "is already a block: apply the plan to the unmodified model")
+    if repopt.is_masked(found[0]):
+        _misfit(names[0], "already has a repopt gradient preconditioner: apply the plan to the unmodified model")
     return found[0]
 
 
@@ -288,6 +310,13 @@ def _check_block_choice(block: BlockChoice, mode: str) -> None:
     """Every kind ``block`` names exists in ``mode`` (``ACNetError`` naming the registered ones otherwise)."""
     if mode not in MODES:
         raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "repopt":  # a kind's repopt form preconditions what its fast block trains
+        named = [block] if isinstance(block, str) else list(block.values()) if isinstance(block, Mapping) else []
+        for kind in named:
+            if isinstance(kind, str) and kind not in REPOPT_KINDS:
+                block_class(kind, "exact")  # an unknown kind is named as such
+                raise ACNetError(f"block kind {kind!r} has no repopt mode: use one of {', '.join(REPOPT_KINDS)}")
+        mode = "fast"
     if isinstance(block, str):
         block_class(block, mode)
         return

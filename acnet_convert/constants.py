@@ -3,7 +3,11 @@
 The command line reads them without importing torch; the library checks its arguments against them.
 """
 
-MODES = ("exact", "fast")  # "exact": the paper's block, a BatchNorm on every branch; "fast": one conv per forward
+BLOCK_MODES = ("exact", "fast")  # "exact": the paper's block, a BatchNorm on every branch; "fast": one conv per forward
+MODES = (*BLOCK_MODES, "repopt")  # "repopt": the plain conv, its gradient preconditioned as a CSLA block's
+REPOPT_KINDS = ("acb", "dbb", "repvgg")  # the kinds with a gradient preconditioner (DBB without its 1x1-KxK branch)
+DEFAULT_REPOPT_SCALE = 1.0  # every CSLA branch's constant scale unless searched: the fast blocks' starting scales
+SEARCH_BATCH = 32  # the batch size of `acnet convert --search-scales`
 INITS = ("preserve", "scratch")  # new branches start at zero (same function) or at gamma_init (as in the paper)
 LAYOUTS = ("lines", "planes")  # ACB's branches of a 3D kernel: centre lines or centre planes
 DEFAULT_KIND = "acb"

@@ -16,10 +16,10 @@ class VerificationError(ACNetError):
     """A converted model whose outputs differ from the reference beyond tolerance."""
 
 
-def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` attributed to the first caller outside this package."""
+def warn(message: str, category: type[Warning] = UserWarning, *, skip: tuple[str, ...] = ()) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package (and outside the folders ``skip``)."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, *skip)):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from acnet_convert import ACNetError, acify, deploy, plan, quant_report
-from acnet_convert.constants import BUILTIN_VARIANTS as KIND_MODES
+from acnet_convert import ACNetError, acify, deploy, plan, quant_report, search_scales
+from acnet_convert.constants import BUILTIN_VARIANTS, DEFAULT_REPOPT_SCALE
 from acnet_convert.demo.experiment import (
     Recipe,
     Split,
@@ -49,6 +49,9 @@ from acnet_convert.demo.experiment import (
 from acnet_convert.demo.models import CifarResNet, LargeKernelCNN, SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
+REPOPT_VARIANTS = ("acb-repopt", "repvgg-repopt", "acb-repopt-searched", "repvgg-repopt-searched")  # no gamma
+KIND_MODES = (*BUILTIN_VARIANTS, *REPOPT_VARIANTS)
+SEARCH_EPOCHS = 2  # the scale search's epochs on the training split, before the repopt model trains
 KIND_NOTES = {
     "acb-exact": "the ACNet paper's block: KxK, 1xK and Kx1 convs, each with its BatchNorm, summed",
     "acb-fast": "one conv per forward whose kernel is composed from scaled KxK, 1xK and Kx1 kernels; the BatchNorm "
@@ -66,6 +69,13 @@ KIND_NOTES = {
     "dilated-exact": "UniRepLKNet's Dilated Reparam Block on depthwise KxK convs, K >= 5: smaller dilated "
     "depthwise convs, each with its BatchNorm, summed (other convs fall back to acb-exact)",
     "dilated-fast": "the Dilated Reparam Block linearised like acb-fast (other convs fall back to acb-fast)",
+    "acb-repopt": f"the plain model, each conv's gradient preconditioned as ACB's CSLA block with every scale "
+    f"{DEFAULT_REPOPT_SCALE:g} (`acify(model, block=\"acb\", mode=\"repopt\", init=\"scratch\")`)",
+    "repvgg-repopt": f"the plain model, each conv's gradient preconditioned as RepVGG's CSLA block with every scale "
+    f"{DEFAULT_REPOPT_SCALE:g}",
+    "acb-repopt-searched": f"acb-repopt with the scales `search_scales` finds in {SEARCH_EPOCHS} epochs of the fast "
+    "blocks on the training split (same recipe), then the plain model trained with them",
+    "repvgg-repopt-searched": "repvgg-repopt with searched scales, as acb-repopt-searched",
 }
 TRANSFORM_LABELS = {"flip_lr": "flipped left-right", "flip_ud": "flipped up-down", "rot90": "rotated 90°"}
 QUANT_SETTINGS = {  # name: (bits, per output channel?)
@@ -125,25 +135,37 @@ class Variant:
     @property
     def name(self) -> str:
         """``baseline`` or ``kind-mode@gamma``."""
-        return f"{self.kind_mode}@{self.gamma}" if self.kind_mode else "baseline"
+        return self.kind_mode + (f"@{self.gamma}" if self.gamma else "") if self.kind_mode else "baseline"
 
-    def build(self, base: nn.Module) -> nn.Module:
-        """``base`` itself for the baseline, otherwise a converted copy with paper-style (scratch) initialisation."""
+    def build(self, base: nn.Module, *, split: Split | None = None, recipe: Recipe | None = None, seed: int = 0,
+              device: str = "cpu") -> nn.Module:  # fmt: skip
+        """``base`` itself for the baseline, otherwise a converted copy with paper-style (scratch) initialisation;
+        a searched repopt variant first searches its scales on ``split``'s training images (on ``device``)."""
         if not self.kind_mode:
             return base
-        kind, mode = self.kind_mode.split("-")
+        kind, mode, *searched = self.kind_mode.split("-")
+        if searched:
+            order = torch.randperm(len(split.y_train), generator=torch.Generator().manual_seed(seed))
+            x, y = split.x_train[order].to(device), split.y_train[order].to(device)
+            batches = [(x[i : i + recipe.batch_size], y[i : i + recipe.batch_size])
+                       for i in range(0, len(y), recipe.batch_size)]  # fmt: skip
+            return search_scales(base.to(device), batches, block=kind, epochs=SEARCH_EPOCHS, lr=recipe.lr,
+                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay, init="scratch")
+        if mode == "repopt":
+            return acify(base, block=kind, mode=mode, init="scratch")
         return acify(base, block=kind, mode=mode, init="scratch", gamma_init=float(Fraction(self.gamma)))
 
 
 def variants_of(kind_modes: list[str], gammas: list[str]) -> list[Variant]:
-    """The baseline, then every kind and mode at every gamma."""
-    return [Variant(), *(Variant(km, g) for km in kind_modes for g in gammas)]
+    """The baseline, then every kind and mode at every gamma (the repopt variants, which have none, once)."""
+    gammas_of = {km: [None] if km in REPOPT_VARIANTS else gammas for km in kind_modes}
+    return [Variant(), *(Variant(km, g) for km in kind_modes for g in gammas_of[km])]
 
 
 def run_one(split: Split, model: str, variant: Variant, seed: int, recipe: Recipe, device: str) -> dict:
     """Train one variant from the seed's initial weights, deploy it and measure everything on the deployed model."""
     torch.manual_seed(seed)
-    trained = variant.build(MODELS[model](split)).to(device)
+    trained = variant.build(MODELS[model](split), split=split, recipe=recipe, seed=seed, device=device).to(device)
     history = train(trained, split, recipe, seed)
     deployed = deploy(trained.eval()) if variant.kind_mode else trained.eval()
     x_test = split.x_test.to(device)
@@ -405,7 +427,8 @@ def report(record: dict) -> str:
         f"{recipe.momentum:g}, weight decay {recipe.weight_decay:g}, augmentation {'on' if recipe.augment else 'off'}",
         f"- the {setup['dataset']} preset (options on the command line override it): {setup['preset']}",
         f"- variants: the baseline (the plain model, trained as it is) and `acify(model, block=KIND, mode=MODE, "
-        f"init=\"scratch\", gamma_init=g)`, named `KIND-MODE@g`, for g in {gammas}:",
+        f"init=\"scratch\", gamma_init=g)`, named `KIND-MODE@g`, for g in {gammas}"
+        f"{' (the repopt variants have no gamma)' if set(setup['kind_modes']) & set(REPOPT_VARIANTS) else ''}:",
         *(f"  - {km}: {KIND_NOTES[km]}" for km in setup["kind_modes"]),
         f"- seeds: {', '.join(map(str, setup['seeds']))}",
         f"- ran on: {setup['device']}{' (one torch thread)' if setup['device'] == 'cpu' else ''}, {setup['cpu']}, "
@@ -417,7 +440,8 @@ def report(record: dict) -> str:
         "",
         *results_table(runs, variants, setup["test_size"]),
         "",
-        *gamma_section(runs, setup["kind_modes"], setup["gammas"], image_points),
+        *gamma_section(runs, [km for km in setup["kind_modes"] if km not in REPOPT_VARIANTS], setup["gammas"],
+                       image_points),
         "## Robustness to flipped and rotated inputs",
         "",
         "The ACNet paper reports that the asymmetric branches make a model more robust to flipped and rotated images.",
@@ -536,7 +560,7 @@ def applicable_kind_modes(model: str) -> list[str]:
     built = MODELS[model](types.SimpleNamespace(in_channels=3, num_classes=10))
     applicable = []
     for km in KIND_MODES:
-        kind, mode = km.split("-")
+        kind, mode, *_ = km.split("-")
         if any(site.kind == kind for site in plan(built, block=kind, mode=mode).converted):
             applicable.append(km)
     return applicable
@@ -606,7 +630,7 @@ def study(args: argparse.Namespace, split: Split) -> dict:
         "test_size": len(split.y_test), "image_shape": "x".join(map(str, split.x_train.shape[1:])),
         "device": args.device, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "seconds": time.perf_counter() - start, "load_averages": loads,
-        "command": args.command, "code": code,
+        "command": args.command, "code": code, "search_epochs": SEARCH_EPOCHS,
     }  # fmt: skip
     return {"setup": setup, "runs": runs}
 

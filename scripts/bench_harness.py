@@ -17,10 +17,11 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from acnet_convert.constants import BUILTIN_VARIANTS
+from acnet_convert.constants import BUILTIN_VARIANTS, REPOPT_KINDS
 
 MiB = 2**20
-KIND_MODES = BUILTIN_VARIANTS  # every built-in kind in each of its modes, in the order the pages list them
+# every built-in kind in each of its modes, then each gradient preconditioner, in the order the pages list them
+KIND_MODES = (*BUILTIN_VARIANTS, *(f"{kind}-repopt" for kind in REPOPT_KINDS))
 
 
 @dataclass

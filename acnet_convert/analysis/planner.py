@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .. import repopt
 from ..blocks import BLOCK_CONVS, is_block
 from ..errors import warn
 from ..modules import class_path, names_by_module
@@ -87,6 +88,8 @@ def _conv_site(
     site.kind, site.mode, site.layout = cls.kind, cls.mode, options.layout
     site.options = cls.resolve_options(options.block_options.get(cls.kind))
     site.branches = cls.describe(conv, options.layout, **site.options)
+    if options.mode == "repopt":
+        site.mode, site.branches = "repopt", repopt.describe(cls.kind, conv)
     if name not in flow.covered:
         site.evidence, reason = "source", _CALLED_ONLY
     else:
@@ -100,7 +103,8 @@ def _conv_site(
         else:
             site.bn_after = bn_name or sole_bn(name, modules, flow)
             if bn_name:
-                reason = Reason("bn-kept", f"BatchNorm {bn_name} stays after the block ({cls.mode} mode)")
+                where = "conv" if site.mode == "repopt" else "block"
+                reason = Reason("bn-kept", f"BatchNorm {bn_name} stays after the {where} ({site.mode} mode)")
     site.explain(*notes, *([reason] if reason else []))
     return site
 

@@ -24,7 +24,7 @@ class Site:
     conv_type: str = "Conv2d"
     branches: str = ""  # the block's branches, e.g. "3x3 + 3x1 + 1x3"
     kind: str | None = None  # the block kind ("acb", "dbb", ...); None for a skipped conv
-    mode: str | None = None  # "exact" or "fast"; None for a skipped conv
+    mode: str | None = None  # "exact", "fast" or "repopt"; None for a skipped conv
     layout: str = "lines"  # the block's branch arrangement option (ACB's 3D lines or planes)
     options: dict[str, int] = field(default_factory=dict)  # the block kind's options (e.g. MobileOne's k), all set
     aliases: list[str] = field(default_factory=list)  # other names the same conv is registered under
@@ -36,6 +36,7 @@ class Site:
     adapter: str | None = None  # the conv class whose own padding the block repeats (see adapters.py)
     evidence: str = ""  # "fx", "example run" or "source": what the decision rests on
     codes: list[str] = field(default_factory=list)  # the stable code of every part of the reason, in order
+    scales: dict[str, list[float]] = field(default_factory=dict)  # repopt: each CSLA branch's constant scales
 
     @property
     def code(self) -> str:
@@ -53,9 +54,10 @@ class Site:
         self.codes = [r.code for r in reasons]
 
     def as_dict(self) -> dict:
-        """The site as JSON-ready values; ``options`` only where the kind has some (a 0.2.0 site has none)."""
+        """The site as JSON-ready values; ``options`` only where the kind has some, ``scales`` only where a repopt site
+        has them (a 0.2.0 site has neither)."""
         return {key: list(value) if isinstance(value, tuple) else value for key, value in self.__dict__.items()
-                if key != "options" or value}  # fmt: skip
+                if key not in ("options", "scales") or value}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Site:

@@ -7,6 +7,7 @@ import fnmatch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import repopt
 from ..blocks import BLOCK_CONVS, ReparamBlock, block_class
 from ..constants import DEFAULT_KIND
 from .adapters import conv_adapter, norm_adapter
@@ -57,17 +58,29 @@ def choose_class(
 ) -> tuple[type[ReparamBlock] | None, Reason | None, tuple[Reason, ...]]:
     """(class, why not, notes): the block class for this conv, falling back to the default kind where needed."""
     kind = kind_for(name, options.block)
-    cls = block_class(kind, options.mode)
-    problem = cls.conv_problem(conv, options.layout)
+    cls = _class_of(kind, options.mode)
+    problem = _problem(cls, conv, options)
     if not problem:
         return cls, None, ()
     if kind == DEFAULT_KIND:
         return None, Reason("block-unsupported", problem), ()
     unsupported = Reason("kind-unsupported", f"{kind}: {problem}")
-    fallback = block_class(DEFAULT_KIND, options.mode)
-    if fallback.conv_problem(conv, options.layout):
+    fallback = _class_of(DEFAULT_KIND, options.mode)
+    if _problem(fallback, conv, options):
         return None, unsupported, ()
     return fallback, None, (unsupported, Reason("fallback-kind", f"converted as {DEFAULT_KIND}"))
+
+
+def _class_of(kind: str, mode: str) -> type[ReparamBlock]:
+    """The block class of ``kind`` in ``mode``; for repopt, the fast one, whose linear branches the gradient
+    preconditioner reproduces."""
+    return block_class(kind, "fast" if mode == "repopt" else mode)
+
+
+def _problem(cls: type[ReparamBlock], conv: nn.Module, options: PlanOptions) -> str:
+    if options.mode == "repopt":
+        return repopt.conv_problem(cls.kind, conv)
+    return cls.conv_problem(conv, options.layout)
 
 
 def kind_for(name: str, block: BlockChoice) -> str:

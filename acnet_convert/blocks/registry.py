@@ -13,7 +13,7 @@ import importlib
 
 from torch import nn
 
-from ..constants import BUILTIN_KINDS, MODES
+from ..constants import BLOCK_MODES, BUILTIN_KINDS
 from ..errors import ACNetError
 from .base import ReparamBlock
 
@@ -40,8 +40,8 @@ def register_block(
     kind, mode = _agreed(cls, "kind", kind), _agreed(cls, "mode", mode)
     if kind is None:
         raise ACNetError(f"register_block({cls.__name__}) needs {cls.__name__}.kind: set it on the class")
-    if mode not in MODES:
-        raise ACNetError(f"unknown mode {mode!r} for block kind {kind!r}: use one of {', '.join(MODES)}")
+    if mode not in BLOCK_MODES:
+        raise ACNetError(f"unknown mode {mode!r} for block kind {kind!r}: use one of {', '.join(BLOCK_MODES)}")
     if not isinstance(kind, str) or not kind.replace("_", "").isalnum():
         raise ACNetError(f"block kind {kind!r} is not a simple name: use letters, digits and underscores")
     cls.kind, cls.mode = kind, mode
@@ -52,8 +52,8 @@ def register_block(
 def block_class(kind: str, mode: str = "exact") -> type[ReparamBlock]:
     """The class registered for ``kind`` in ``mode``; ``ACNetError`` naming the registered ones otherwise."""
     _load_builtins()
-    if mode not in MODES:
-        raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode not in BLOCK_MODES:
+        raise ACNetError(f"unknown mode {mode!r}: use one of {', '.join(BLOCK_MODES)}")
     cls = _CLASSES.get((kind, mode))
     if cls is None:
         if kind in kinds():

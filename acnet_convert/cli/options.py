@@ -101,7 +101,8 @@ MinKernel = Annotated[
 MaxKernel = Annotated[int | None, option(min=1, text="Convert only kernels whose sides are at most this.")]
 Mode = Annotated[
     Literal[MODES] | None,
-    option(text="exact: the paper's blocks, absorbing the BatchNorm (default); fast: one conv per forward."),
+    option(text="exact: the paper's blocks, absorbing the BatchNorm (default); fast: one conv per forward; "
+           "repopt: the convs stay plain, their gradients preconditioned (exact under SGD)."),
 ]
 DeployedFormat = Annotated[
     Literal[tuple(form for form in FILE_FORMATS if form != "acified")],  # the formats of deployed weights

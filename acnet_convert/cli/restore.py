@@ -8,11 +8,13 @@ notes and warnings that say what was chosen.
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ACNetError
+from ..constants import SEARCH_BATCH
+from ..errors import ACNetError, first_line
 from .examples import Examples
 from .options import Structure, acify_options, flag
 from .session import Session
@@ -122,6 +124,35 @@ def acified(session: Session, model: nn.Module, options: dict, examples: Example
 
     with session.library_warnings(), examples.errors():
         return acify(model, inplace=inplace, example_inputs=examples.first(model), **options)
+
+
+def searched(
+    session: Session, model: nn.Module, options: dict, examples: Examples, batches: list, epochs: int
+) -> nn.Module:  # fmt: skip
+    """``search_scales`` on ``batches`` with acify's options; its warnings become warning lines."""
+    from ..scale_search import search_scales
+
+    structure = {name: value for name, value in options.items() if name not in ("mode", "gamma_init")}
+    device = next(model.parameters()).device
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    with session.library_warnings(), examples.errors():
+        found = search_scales(model, batches, epochs=epochs, example_inputs=examples.first(model), **structure)
+    return found.eval()
+
+
+def search_batches(path: str, size: int = SEARCH_BATCH) -> list:
+    """The (inputs, targets) batches of ``size`` in a .pt file holding an ``inputs`` and a ``targets`` tensor."""
+    import torch
+
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise ACNetError(f"cannot read --search-scales {path} ({first_line(exc)}): write it with torch.save") from exc
+    inputs, targets = (data.get(key) if isinstance(data, dict) else None for key in ("inputs", "targets"))
+    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)) or len(inputs) != len(targets):
+        raise ACNetError(f"--search-scales {path} must hold {{'inputs': tensor, 'targets': tensor}} of one length: "
+                         "torch.save({'inputs': x, 'targets': y}, path)")  # fmt: skip
+    return [(inputs[i : i + size], targets[i : i + size]) for i in range(0, len(inputs), size)]
 
 
 def load_original_weights(session: Session, model: nn.Module, path: str, key: str | None) -> None:

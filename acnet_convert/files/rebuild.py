@@ -19,6 +19,7 @@ from ..analysis import Plan
 from ..blocks import has_blocks, kinds
 from ..constants import FILE_FORMATS
 from ..errors import ACNetError
+from ..repopt import has_masks
 from . import checkpoint
 
 NOT_STRUCTURE = ("init", "gamma_init")  # acify options that only set the initial weights, which a file replaces
@@ -45,7 +46,7 @@ def rebuild(
             raise ACNetError(f"the {form} form is built by a plan: pass the plan the weights were written with")
         _check_kinds(plan, source)
         api.apply_plan(model, plan)
-        if form == "plain" and has_blocks(model):
+        if form == "plain" and (has_blocks(model) or has_masks(model)):
             api.deploy(model, inplace=True, check=False)  # the structure only: the weights come from state_dict
     if state_dict is not None:
         checkpoint.load_strict(model, state_dict, source=source, hint=hint)
@@ -79,7 +80,7 @@ def rebuild_from_checkpoint(
         acified = api.apply_plan(copy.deepcopy(model), plan)
         form = "acified" if set(ckpt.state_dict) == set(acified.state_dict()) else "plain"
     rebuild(model, plan, form, ckpt.state_dict, source=source, hint=hint)
-    return "plain" if form == "acified" and not has_blocks(model) else form
+    return "plain" if form == "acified" and not (has_blocks(model) or has_masks(model)) else form
 
 
 def _written_for(ckpt: checkpoint.Checkpoint) -> str:

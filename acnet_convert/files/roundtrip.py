@@ -21,6 +21,7 @@ from ..blocks import has_blocks
 from ..constants import FILE_FORMATS
 from ..errors import ACNetError
 from ..modules import class_path, names_by_module
+from ..repopt import has_masks
 from . import checkpoint
 from .rebuild import rebuild_from_checkpoint
 
@@ -45,7 +46,7 @@ def save_weights(
     ``load`` returned carries what its file recorded, and writes it again.
     """
     path = Path(path)
-    blocks = has_blocks(model)
+    blocks = has_blocks(model) or has_masks(model)
     fmt = format or ("acified" if blocks else "plain")
     if fmt not in FILE_FORMATS:
         raise ACNetError(f"unknown format {fmt!r}: use one of {', '.join(FILE_FORMATS)}")
@@ -100,7 +101,7 @@ def original_state_dict(model: nn.Module) -> dict[str, Tensor]:
         )
     if any(site.action == "done" for site in plan.sites):
         raise ACNetError("the original model already contains blocks, which no plain conv can hold: use format plain")
-    deployed = deploy(model) if has_blocks(model) else model
+    deployed = deploy(model) if has_blocks(model) or has_masks(model) else model
     state = deployed.state_dict()
     names = names_by_module(deployed)
     for site in plan.converted:

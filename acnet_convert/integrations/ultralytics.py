@@ -22,6 +22,7 @@ from ..api import PLAN_ATTR, OwnFusion, acify, deploy
 from ..blocks import has_blocks, is_block
 from ..errors import ACNetError
 from ..files.rebuild import rebuild
+from ..repopt import has_masks
 from ..training import check_acify_options
 
 # Ultralytics modules whose own fusion reads their convs' weights directly: their convs stay plain.
@@ -62,7 +63,7 @@ def acify_model(model: nn.Module, **options: Any) -> nn.Module:
     options.setdefault("example_inputs", (_example_input(model),))
     options["exclude"] = [*_as_list(options.get("exclude")), *_own_reparam_names(model)] or None
     acify(model, inplace=True, **options)
-    if not has_blocks(model):
+    if not (has_blocks(model) or has_masks(model)):
         raise ACNetError(
             f"acify converted no conv of this {type(model).__name__} (see model.{PLAN_ATTR}); "
             "widen include/exclude or train it without ACNet"
@@ -98,7 +99,7 @@ def save_deployed(checkpoint: str | os.PathLike, out: str | os.PathLike | None =
     out = path.with_name(f"{path.stem}-deployed.pt") if out is None else Path(out)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = ckpt.get("ema") or ckpt.get("model")
-    if not isinstance(model, nn.Module) or not has_blocks(model):
+    if not isinstance(model, nn.Module) or not (has_blocks(model) or has_masks(model)):
         raise ACNetError(f"{path} holds no ACNet blocks: it is plain already, use it as it is")
     plain = deploy_model(model.float()).half().requires_grad_(False)
     ckpt.update(model=plain, ema=None, optimizer=None, scaler=None, updates=None, best_fitness=None, epoch=-1)
@@ -114,7 +115,7 @@ _DeployThenFuse = OwnFusion  # the name checkpoints written by 0.2 pickled for a
 
 def _trained_plan(weights: nn.Module | None) -> Plan | None:
     """The plan ``weights`` was acified with, or None when it holds no blocks."""
-    if not isinstance(weights, nn.Module) or not has_blocks(weights):
+    if not isinstance(weights, nn.Module) or not (has_blocks(weights) or has_masks(weights)):
         return None
     trained = getattr(weights, PLAN_ATTR, None)
     if trained is None:

@@ -239,7 +239,7 @@ def test_a_block_kind_registered_by_the_model_file_end_to_end(tmp_path):
 # ---- help, choices and usage errors ----
 
 COMMANDS = command_names(app)
-CHOICES = {"--mode": ("exact", "fast"), "--init": ("preserve", "scratch"), "--format": ("plain", "original"),
+CHOICES = {"--mode": ("exact", "fast", "repopt"), "--init": ("preserve", "scratch"), "--format": ("plain", "original"),
            "--device": ("cpu", "cuda")}  # fmt: skip
 
 
@@ -264,7 +264,7 @@ def test_help_of_the_group_shows_no_bool(tmp_path):
     ("args", "message"),
     [
         (["convert", "model.py", "--mode", "slow"], "error: invalid value for '--mode': 'slow' is not one of 'exact', "
-         "'fast' (try: acnet convert --help)"),
+         "'fast', 'repopt' (try: acnet convert --help)"),
         (["deploy", "model.py", "-w", "x.safetensors", "--format", "onnx"], "'onnx' is not one of 'plain', 'original'"),
         (["deploy"], "error: missing argument 'SPEC' (try: acnet deploy --help)"),
         (["convert", "model.py", "--rtol", "-1"], "invalid value for '--rtol': -1 is not a positive number"),
@@ -307,7 +307,9 @@ def test_shell_completion_completes_commands_and_choices(tmp_path):
         return subprocess.run([str(ACNET)], env=env, capture_output=True, text=True, timeout=60).stdout.split()
 
     assert complete("acnet quant") == ["quantcheck"]
-    assert complete("acnet convert m.py --mode ") == ["exact", "fast"]
+    from acnet_convert.constants import MODES
+
+    assert complete("acnet convert m.py --mode ") == list(MODES)
     # "; true" keeps bash running as acnet's parent (bash -c would exec a lone command), so bash is detected
     shown = subprocess.run(["bash", "-c", f"{ACNET} --show-completion; true"], capture_output=True, text=True,
                            timeout=60)  # fmt: skip

@@ -199,6 +199,14 @@ def test_default_variants_are_the_kinds_that_convert_a_conv_of_the_model_as_thei
     assert acified(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_repopt_variants_have_no_gamma_and_keep_the_plain_convs():
+    variants = study_module.variants_of(["acb-repopt", "acb-exact", "repvgg-repopt-searched"], ["1", "1/3"])
+    assert [v.name for v in variants] == ["baseline", "acb-repopt", "acb-exact@1", "acb-exact@1/3",
+                                          "repvgg-repopt-searched"]  # fmt: skip
+    conv = variants[1].build(SmallCNN(1, 10, width=4)).features[0][0]
+    assert type(conv) is torch.nn.Conv2d and conv.repopt_mask.max() == 3  # the centre: three branches at scale 1
+
+
 def test_quantize_weights_rounds_to_the_grid_of_its_scales():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))

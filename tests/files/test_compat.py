@@ -79,10 +79,14 @@ REWORDED = {
     **{(command, "block"): ("qarepvgg (default", "qarepvgg, mobileone, dilated (default")  # kinds added
        for command in ("convert", "inspect")},
 }
-
-
 # Options added since 0.2.0: (command, parameter).
-ADDED = {("convert", "block_option"), ("inspect", "block_option")}
+ADDED = {("convert", "search_scales"), ("convert", "search_epochs"), ("convert", "block_option"),
+         ("inspect", "block_option")}  # fmt: skip
+# Choices added since 0.2.0 (every old choice is still there): parameter -> (old type, new type, words added to help).
+EXTENDED = {
+    "mode": ("typing.Literal['exact', 'fast']", "typing.Literal['exact', 'fast', 'repopt']",
+             "; repopt: the convs stay plain, their gradients preconditioned (exact under SGD)."),
+}
 
 
 def test_every_command_option_and_default_is_the_020_one():
@@ -91,6 +95,12 @@ def test_every_command_option_and_default_is_the_020_one():
         param = next(p for p in recorded[command][1:] if p["name"] == name)
         assert old in param["help"]
         param["help"] = param["help"].replace(old, new)
+    for command in recorded.values():
+        for param in command[1:]:
+            if param["name"] in EXTENDED:
+                old, new, added = EXTENDED[param["name"]]
+                assert param["type"] == old
+                param["type"], param["help"] = new, param["help"].removesuffix(".") + added
     surface = cli_surface(app)
     for command, name in ADDED:
         params = surface[command]

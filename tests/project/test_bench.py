@@ -29,6 +29,7 @@ def load(name):
 bench = load("bench")
 render = sys.modules["bench_render"]
 FAST = [km for km in bench.KIND_MODES if km.endswith("-fast")]
+REPOPT = [km for km in bench.KIND_MODES if km.endswith("-repopt")]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,13 @@ def test_training_table_has_every_kind_and_mode_with_consistent_ratios(smoke):
         for kind_mode in FAST:
             extra = 4 * (rows[kind_mode]["params"] - rows["original"]["params"])  # float32 bytes
             assert extra > 0 and rows[kind_mode]["peak_bytes"] - rows["original"]["peak_bytes"] >= 2 * extra
-        for kind_mode in set(bench.KIND_MODES) - set(FAST):
+        for kind_mode in set(bench.KIND_MODES) - set(FAST) - set(REPOPT):
             assert rows[kind_mode]["peak_bytes"] > rows["original"]["peak_bytes"]
+        # a repopt model is the original model: its parameters and its forward are the original's
+        assert REPOPT
+        for kind_mode in REPOPT:
+            assert rows[kind_mode]["params"] == rows["original"]["params"]
+            assert rows[kind_mode]["forward_flops"] == rows["original"]["forward_flops"]
 
 
 def test_block_counts_match_what_acify_converts():

@@ -6,6 +6,7 @@ import math
 from typing import Annotated
 
 from ...constants import DEFAULT_GAMMA, INITS
+from ...errors import ACNetError
 from ..examples import Examples
 from ..framework import NothingConverted, epilog
 from ..options import (
@@ -26,13 +27,14 @@ from ..options import (
     option,
 )  # fmt: skip
 from ..render import nothing_converted, raise_failed, report_plan
-from ..restore import acified, check_block, load_original_weights, model_spec
+from ..restore import acified, check_block, load_original_weights, model_spec, search_batches, searched
 from ..session import Session
 
 EPILOG = epilog(
     "acnet convert torchvision:resnet18 --arg num_classes=10 --input-shape 1,3,32,32",
     "acnet convert model.py --weights pretrained.pt --exclude head --block 'layer4.*=dbb'",
     "acnet convert segnet.py --input-shape 2,3,64,64 --input-shape 2,1,64,64 --out seg.acnet.safetensors",
+    "acnet convert model.py --mode repopt --block repvgg --search-scales batches.pt --search-epochs 3",
     note="The checkpoint is the acified model with the plan it was built by; train it in Python "
     "(acnet_convert.load rebuilds it), then run acnet deploy.",
 )
@@ -62,6 +64,12 @@ def main(
     ] = False,
     rtol: Rtol = 1e-4,
     force: Force = False,
+    search_scales: Annotated[
+        str | None,
+        option("--search-scales", metavar="FILE", text="With --mode repopt: first search the branch scales, training "
+               "the fast blocks on FILE (a .pt of an 'inputs' and a 'targets' tensor; cross-entropy, SGD)."),
+    ] = None,
+    search_epochs: Annotated[int, option(min=1, text="Epochs of the scale search (default 1).")] = 1,
 ) -> None:
     """Turn every eligible conv (with its BatchNorm) into a training block and write the checkpoint, checked."""
     from ...api import deploy
@@ -74,6 +82,9 @@ def main(
     checkpoint.serialization(target)
     options = acify_options({}, block=block_choice(block), block_options=block_options(block_option), init=init,
                             gamma_init=gamma_init, structure=structure)  # fmt: skip
+    if search_scales and options["mode"] != "repopt":
+        raise ACNetError("--search-scales searches the scales of --mode repopt: add --mode repopt")
+    batches = search_batches(search_scales) if search_scales else None
     examples = Examples.given(inputs)
     with session.spinner(f"converting {spec}"):
         check_block(parsed, options)
@@ -81,7 +92,11 @@ def main(
         if weights:
             load_original_weights(session, original, weights, checkpoint_key)
         original = original.to(examples.device).eval()
-        model = acified(session, original, options, examples, inplace=False)
+        if batches is None:
+            model = acified(session, original, options, examples, inplace=False)
+    if batches is not None:
+        with session.spinner(f"searching the scales for {search_epochs} epoch(s)"):
+            model = searched(session, original, options, examples, batches, search_epochs)
     report_plan(session, model.acnet_plan, spec)
     if not model.acnet_plan.converted and not allow_empty:
         raise NothingConverted(nothing_converted(model.acnet_plan))
