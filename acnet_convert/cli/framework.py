@@ -122,7 +122,8 @@ def guarded(command: Callable[..., None], name: str) -> Callable[..., None]:
             kwargs[key] = bundle(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(bundle)})
         session = Session(name, output.as_json, output.quiet)
         try:
-            command(session, **kwargs)
+            with session.library_warnings(LIBRARY_ARGUMENTS):  # none escapes as Python's two-line warning
+                command(session, **kwargs)
             session.finish()
             return
         except (VerificationError, NothingConverted) as exc:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,15 +90,18 @@ class Session:
             self.finish()
 
     @contextlib.contextmanager
-    def library_warnings(self) -> Iterator[None]:
-        """The library's warnings as warning lines (each one line, however long)."""
+    def library_warnings(self, flags: Mapping[str, str] | None = None) -> Iterator[None]:
+        """The warnings raised inside as warning lines (each one line, however long, and each text once), with the
+        Python names in ``flags`` replaced by the command line's flags."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 yield
             finally:
-                for warning in caught:
-                    self.warn(str(warning.message))
+                for text in dict.fromkeys(str(warning.message) for warning in caught):
+                    for name, replacement in (flags or {}).items():
+                        text = text.replace(name, replacement)
+                    self.warn(text)
 
     def spinner(self, description: str) -> contextlib.AbstractContextManager[None]:
         """A transient spinner on stderr (on a terminal, without --quiet)."""

@@ -54,6 +54,7 @@ def main(
     if deployed is None and not deployed_file:
         raise ACNetError(f"{weights} holds the {loaded.form} model, which has nothing to fuse: pass --deployed FILE")
     shipped = load_shipped(deployed_file, loaded, deployed) if deployed_file else None
+    shipped_row = f"output ({deployed_file})"
     rows: dict[str, Comparison] = {}
     with loaded.examples.errors(), session.bar("comparing", samples) as advance:
         for x in loaded.examples.all(reference, samples):
@@ -61,6 +62,22 @@ def main(
                 result = verify(reference, deployed, *x, rtol=math.inf, layers=True)
                 keep_worst(rows, {**result.layers, "output (deployed in memory)": result})
             if shipped is not None:
-                keep_worst(rows, {f"output ({deployed_file})": verify(reference, shipped, *x, rtol=math.inf)})
+                keep_worst(rows, {shipped_row: verify(reference, shipped, *x, rtol=math.inf)})
             advance()
-    report_rows(session, rows, spec, loaded.examples, rtol)
+
+    def cause(worst: str) -> str:
+        """Why the shipped file differs, when it is the worst: tracing, else other weights; '' otherwise."""
+        if worst != shipped_row:
+            return ""
+        if getattr(shipped, "traced", False):
+            return (
+                f"{deployed_file} was traced on an example and holds only the path that example took through the "
+                "model, which these inputs leave: export it with --pt2 (torch.export), or make the model's path "
+                "independent of its input"
+            )
+        return (
+            f"{deployed_file} does not hold the model {weights} deploys to (other weights, or written before more "
+            f"training): deploy or export it again from {weights}"
+        )
+
+    report_rows(session, rows, spec, loaded.examples, rtol, cause)
