@@ -95,8 +95,9 @@ def keep_worst(rows: dict[str, Comparison], new: dict[str, Comparison]) -> None:
 
 
 def report_quant_table(session: Session, rows: list[list[str]], title: str) -> None:
-    """The quantisation report's rows (headers first) as a table."""
-    table = Table(*(folding(header) for header in rows[0]), box=box.SIMPLE, title=title)
+    """The quantisation report's rows (headers first) as a table; layer names are never wrapped or cut."""
+    names = Column(rows[0][0], no_wrap=True, min_width=max(len(row[0]) for row in rows))
+    table = Table(names, *(folding(header) for header in rows[0][1:]), box=box.SIMPLE, title=title)
     for row in rows[1:]:
         table.add_row(*row)
     session.table(table)

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 NO_METADATA_HINT = (
     "the file carries no acnet metadata: pass the --arg, --block, --mode, --include, --exclude, "
-    "--min-kernel, --max-kernel and --input-shape values used with acnet convert"
+    "--min-kernel, --max-kernel and --input-shape values used with acnet convert; for a model acified in Python, "
+    "write the file with acnet_convert.save_weights(model, path), which records the plan it was acified by"
 )
 
 
@@ -141,7 +142,7 @@ def load_shipped(path: str, loaded: Loaded, deployed: nn.Module | None) -> nn.Mo
     from ..files import checkpoint
     from ..files.export import artifact_format, load_artifact
 
-    if Path(path).is_file() and artifact_format(path):
+    if artifact_format(path):
         return load_artifact(path, device=loaded.examples.device)
     shipped = checkpoint.read(path)
     form = shipped.get("format")

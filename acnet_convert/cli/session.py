@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..checks.verify import Comparison
 
 err = Console(stderr=True, highlight=False)
+PIPE_WIDTH = 100_000  # tables take their natural width: no row is wrapped or cut where nobody reads at a width
 
 
 def error_line(message: str) -> None:
@@ -48,9 +49,10 @@ class Session:
         self.out.print(text, soft_wrap=True, markup=False)
 
     def table(self, table: Table) -> None:
-        """A table on stdout: a terminal's width, else up to 160 columns so that rows stay whole."""
+        """A table on stdout: a terminal's width, else as wide as its rows (a pipe or a file has no width)."""
         console = self.out
-        console.width = console.width if console.is_terminal else max(console.width, 160)
+        if not console.is_terminal:
+            console.width = PIPE_WIDTH
         console.print(table)
 
     def note(self, text: str) -> None:

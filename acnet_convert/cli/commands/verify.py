@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from ...errors import ACNetError
@@ -48,6 +49,8 @@ def main(
     from ...api import deploy
     from ...checks.verify import verify
 
+    if deployed_file and not Path(deployed_file).is_file():  # before the model is rebuilt
+        raise ACNetError(f"--deployed {deployed_file} not found: give the file acnet deploy or acnet export wrote")
     loaded = restore(session, spec, weights, checkpoint_key, arg, structure, Examples.given(inputs))
     reference = loaded.model
     deployed = deploy(reference) if loaded.form == "acified" else None
