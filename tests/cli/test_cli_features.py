@@ -94,12 +94,13 @@ SHAPE = ["--input-shape", "2,3,16,16"]
 ACNET = Path(sys.executable).with_name("acnet")
 
 
-def acnet(folder, *args, code=0):
-    """Run acnet in ``folder`` in process; check the exit code; return the result."""
+def acnet(folder, *args, code=0, env=None):
+    """Run acnet in ``folder`` in process (``env`` added to its environment); check the exit code; return the
+    result."""
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        result = CliRunner().invoke(app, list(map(str, args)), env={"COLUMNS": "200"})
+        result = CliRunner().invoke(app, list(map(str, args)), env={"COLUMNS": "200", **(env or {})})
     finally:
         os.chdir(cwd)
     assert result.exit_code == code, (result.stdout, result.stderr)
