@@ -206,7 +206,6 @@ class OnnxModel(nn.Module):
             return tuple(outputs)
         return dict(zip(self.names, outputs))
 
-
     def _check_size(self, arg, shape: tuple[int, ...], named: bool) -> None:
         """``ACNetError`` for an input whose size the file fixes otherwise (onnxruntime's own error is many lines)."""
         fixed = [size if isinstance(size, int) else None for size in arg.shape]  # None: a dynamic dimension

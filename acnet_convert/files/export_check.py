@@ -70,12 +70,13 @@ def export_all(
         if format not in ARTIFACT_FORMATS:
             raise ACNetError(f"unknown export format {format!r}: use one of {', '.join(ARTIFACT_FORMATS)}")
     runs = check_inputs(model, inputs, dynamic=dynamic, shapes=shapes)
-    with contextlib.ExitStack() as files:
-        return [
-            _export_one(model, runs, Path(path), format, files.enter_context(checkpoint.atomic_output(path, force=force)),
-                        opset=opset, dynamic=dynamic, rtol=rtol, allow_traced=allow_traced, on_check=on_check)
-            for format, path in targets.items()
-        ]  # fmt: skip
+    with contextlib.ExitStack() as files:  # each file is moved into place only once every file has passed
+        written = []
+        for format, path in targets.items():
+            tmp = files.enter_context(checkpoint.atomic_output(path, force=force))
+            written.append(_export_one(model, runs, Path(path), format, tmp, opset=opset, dynamic=dynamic, rtol=rtol,
+                                       allow_traced=allow_traced, on_check=on_check))  # fmt: skip
+    return written
 
 
 def check_inputs(

@@ -59,7 +59,7 @@ class Twice(nn.Module):
     def forward(self, x):
         return self.conv(self.conv(self.stem(x)).relu())
 '''
-LONG_NAMES = '''
+LONG_NAMES = """
 from torch import nn
 
 
@@ -71,7 +71,7 @@ class LongNames(nn.Module):
 
     def forward(self, x):
         return self.encoder_second_stage_convolution(self.encoder_first_stage_convolution(x).relu())
-'''
+"""
 
 
 @pytest.fixture

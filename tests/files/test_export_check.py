@@ -103,7 +103,8 @@ def test_several_formats_are_written_all_or_none(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="TorchScript recorded"):
         written = export_all(Plain().eval(), EXAMPLE, targets)
-    assert [exported.path for exported in written] == list(targets.values()) and all(p.is_file() for p in targets.values())
+    assert [exported.path for exported in written] == list(targets.values())
+    assert all(path.is_file() for path in targets.values())
 
 
 def test_an_onnx_file_of_a_fixed_size_says_so_in_one_line(tmp_path):
