@@ -165,7 +165,7 @@ def guarded(command: Callable[..., None], name: str) -> Callable[..., None]:
             kwargs[key] = bundle(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(bundle)})
         session = Session(name, output.as_json, output.quiet)
         try:
-            with session.library_warnings(LIBRARY_ARGUMENTS):  # none escapes as Python's two-line warning
+            with session.library_warnings(LIBRARY_ARGUMENTS, every=False):  # none is shown as Python's two lines
                 command(session, **kwargs)
             session.finish()
             return

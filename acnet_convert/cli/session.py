@@ -92,11 +92,13 @@ class Session:
             self.finish()
 
     @contextlib.contextmanager
-    def library_warnings(self, flags: Mapping[str, str] | None = None) -> Iterator[None]:
+    def library_warnings(self, flags: Mapping[str, str] | None = None, *, every: bool = True) -> Iterator[None]:
         """The warnings raised inside as warning lines (each one line, however long, and each text once), with the
-        Python names in ``flags`` replaced by the command line's flags."""
+        Python names in ``flags`` replaced by the command line's flags; all of them, or unless ``every`` only those
+        the warning filters in force show (Python's hide other packages' deprecation warnings)."""
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            if every:
+                warnings.simplefilter("always")
             try:
                 yield
             finally:

@@ -192,6 +192,8 @@ def test_verify_checks_an_exported_artifact(trained, artifact):
     failed = acnet(trained, "verify", "model.py", "-w", "trained.safetensors", "--deployed", f"perturbed.{artifact}",
                    "--samples", "2", *SHAPE, code=1)  # fmt: skip
     assert f"worst: output (perturbed.{artifact})" in one_error_line(failed)
+    wrong_weights = f"perturbed.{artifact} differs on every input: it does not hold the model trained.safetensors"
+    assert wrong_weights in one_error_line(failed)
 
 
 def test_verify_compares_a_plain_model_with_its_artifact_on_real_inputs(trained, tmp_path):
@@ -367,8 +369,8 @@ def test_json_of_every_command(trained, tmp_path):
     export = json.loads(acnet(tmp_path, "export", "model.py", "-w", "model.acnet.safetensors", "--pt2", "m.pt2",
                               "--json").stdout)  # fmt: skip
     assert export["files"][0]["dynamic_batch"] and not export["files"][0]["traced"] and len(export["checks"]) == 4
-    assert export["files"][0]["checked_on"] == ["the example (batch 1)", "the example negated (batch 1)",
-                                                "random inputs (batch 3)"]  # fmt: skip
+    assert export["files"][0]["checked_on"] == ["the example (batch 2)", "the example negated (batch 2)",
+                                                "random inputs (batch 1)"]  # fmt: skip
     quant = json.loads(acnet(tmp_path, "quantcheck", "model.py", "-w", "model.deployed.safetensors", "--no-ptq",
                              "--json").stdout)  # fmt: skip
     assert quant["command"] == "quantcheck" and quant["ptq"] is None and len(quant["layers"]) == 5

@@ -106,7 +106,8 @@ def test_verify_names_tracing_when_a_traced_artifact_differs(folder, flag, artif
     torch.save(torch.randn(2, 3, 8, 8) * 5, folder / "spread_out.pt")
     failed = acnet(folder, "verify", "spread.py", "-w", "spread.acnet.safetensors", "--deployed", artifact,
                    "--inputs", "spread_out.pt", "--samples", "1", code=1)  # fmt: skip
-    assert f"{artifact} was traced on an example and holds only the path that example took" in one_error_line(failed)
+    assert f"{artifact} was traced on an example and holds only the path that example took through the model, " \
+        "which some of these inputs leave" in one_error_line(failed)
 
 
 def test_quantcheck_warns_in_one_line_and_names_the_flag_that_skips_ptq(folder):
