@@ -106,8 +106,10 @@ def test_verify_names_tracing_when_a_traced_artifact_differs(folder, flag, artif
     torch.save(torch.randn(2, 3, 8, 8) * 5, folder / "spread_out.pt")
     failed = acnet(folder, "verify", "spread.py", "-w", "spread.acnet.safetensors", "--deployed", artifact,
                    "--inputs", "spread_out.pt", "--samples", "1", code=1)  # fmt: skip
-    assert f"{artifact} was traced on an example and holds only the path that example took through the model, " \
+    assert (
+        f"{artifact} was traced on an example and holds only the path that example took through the model, "
         "which some of these inputs leave" in one_error_line(failed)
+    )
 
 
 def test_quantcheck_warns_in_one_line_and_names_the_flag_that_skips_ptq(folder):
@@ -178,3 +180,19 @@ def test_piped_tables_keep_every_name_and_reason_whole(folder):
         assert [row.split()[0] for row in rows] == names, text
     reasons = [site["reason"] for site in json.loads(acnet(folder, "inspect", "long.py", "--json").stdout)["sites"]]
     assert all(reason and reason in tables[0] for reason in reasons), (reasons, tables[0])
+
+
+def test_an_export_failing_on_its_second_format_leaves_no_first_file_and_can_be_retried(folder, monkeypatch):
+    acnet(folder, "convert", "model.py", "--input-shape", "1,3,8,8", "-q")
+
+    def failing_trace(*args, **kwargs):
+        raise RuntimeError("tracing broke")
+
+    files = ["--pt2", "m.pt2", "--torchscript", "m.ts"]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.jit, "trace", failing_trace)
+        failed = acnet(folder, "export", "model.py", "-w", "model.acnet.safetensors", *files, code=2)
+    assert "TorchScript tracing failed (RuntimeError: tracing broke)" in one_error_line(failed)
+    assert not (folder / "m.pt2").exists() and not list(folder.glob(".*.partial"))
+    acnet(folder, "export", "model.py", "-w", "model.acnet.safetensors", *files, "-q")
+    assert (folder / "m.pt2").is_file() and (folder / "m.ts").is_file()
