@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..constants import DEVICES
-from ..errors import ACNetError, first_line
+from ..errors import ACNetError, in_one_line
 from .options import InputOptions
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class Examples:
             shapes = shape_text(self.shapes)
             what = f"the inputs from {self.source}" if self.real else f"a random input of shape {shapes}"
             raise ACNetError(
-                f"the model failed on {what} ({first_line(exc)}): pass --input-shape with the shape it expects "
+                f"the model failed on {what} ({in_one_line(exc)}): pass --input-shape with the shape it expects "
                 "(once per input, e.g. 1,3,224,224), or --inputs FILE.pt"
             ) from exc
 

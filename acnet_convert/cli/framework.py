@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import typer
 from typer import _click as click
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from ..errors import ACNetError, VerificationError, first_line
 from .options import Output
@@ -43,10 +43,36 @@ def _plain_flags(params: list) -> list:
 
 
 class Command(TyperCommand):
-    """An acnet command: on/off flags show no value type in --help."""
+    """An acnet command: on/off flags show no value type in --help; an option of one value given twice is an
+    error (click would keep the last)."""
 
     def get_params(self, ctx: click.Context) -> list:
         return _plain_flags(super().get_params(ctx))
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _refuse_repeated(self.get_params(ctx), args, ctx)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeated(params: list, args: list[str], ctx: click.Context) -> None:
+    """``UsageError`` for an option that takes one value (or is an on/off flag) given more than once."""
+    single = {name: param for param in params if isinstance(param, TyperOption) and not param.multiple
+              for name in [*param.opts, *param.secondary_opts]}  # fmt: skip
+    given: dict[str, list[str]] = {}
+    for i, arg in enumerate(args[: args.index("--") if "--" in args else len(args)]):
+        name, _, value = arg.partition("=")
+        param = single.get(name)
+        if param is None:
+            continue
+        if not value and not param.is_flag:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        given.setdefault(param.name, []).append(f"{name} {value}".strip())
+    for uses in given.values():
+        if len(uses) > 1:
+            values = f" ({', '.join(uses)})" if uses[0] != uses[-1] else ""
+            raise click.exceptions.UsageError(
+                f"{uses[0].split()[0]} is given {len(uses)} times{values}: give it once", ctx=ctx
+            )
 
 
 class Group(TyperGroup):
@@ -74,10 +100,27 @@ class Group(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _usage_message(exc: Exception) -> str:
-    """click's message for a usage error, as one lower-case clause."""
-    text = " ".join(exc.format_message().replace("Value error, ", "").split()).rstrip(".")
+def _usage_message(exc: click.exceptions.UsageError) -> str:
+    """click's message for a usage error, as one lower-case clause, with the checks typer leaves to pydantic in our
+    words."""
+    text = exc.format_message()
+    problems = getattr(exc.__cause__, "errors", None)
+    if isinstance(exc, click.exceptions.BadParameter) and callable(problems):
+        text = text.replace(exc.message, _in_our_words(problems()[0], exc.message))
+    text = " ".join(text.replace("Value error, ", "").split()).rstrip(".")
     return text[:1].lower() + text[1:]
+
+
+def _in_our_words(problem: Mapping, message: str) -> str:
+    """What one of pydantic's validation errors says, about the value given."""
+    given, bounds = problem.get("input"), problem.get("ctx") or {}
+    words = {
+        "greater_than_equal": f"{given} is less than {bounds.get('ge')}: give {bounds.get('ge')} or more",
+        "less_than_equal": f"{given} is more than {bounds.get('le')}: give {bounds.get('le')} or less",
+        "int_parsing": f"{given!r} is not a whole number", "int_from_float": f"{given!r} is not a whole number",
+        "float_parsing": f"{given!r} is not a number",
+    }  # fmt: skip
+    return words.get(problem.get("type"), message)
 
 
 def epilog(*examples: str, note: str = "") -> str:
@@ -123,7 +166,8 @@ def guarded(command: Callable[..., None], name: str) -> Callable[..., None]:
             kwargs[key] = bundle(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(bundle)})
         session = Session(name, output.as_json, output.quiet)
         try:
-            command(session, **kwargs)
+            with session.library_warnings(LIBRARY_ARGUMENTS, every=False):  # none is shown as Python's two lines
+                command(session, **kwargs)
             session.finish()
             return
         except (VerificationError, NothingConverted) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rich import box
@@ -50,8 +51,12 @@ def nothing_converted(plan: Plan) -> str:
     )
 
 
-def report_rows(session: Session, rows: dict[str, Comparison], spec: str, examples: Examples, rtol: float) -> None:
-    """The worst error of every layer and output, as a table and as checks; ``VerificationError`` on a mismatch."""
+def report_rows(
+    session: Session, rows: dict[str, Comparison], spec: str, examples: Examples, rtol: float,
+    cause: Callable[[str], str] | None = None,
+) -> None:  # fmt: skip
+    """The worst error of every layer and output, as a table and as checks; ``VerificationError`` on a mismatch,
+    ending with ``cause(worst row)`` when given."""
     from ..files.inputs import shape_text
 
     real = f" and the inputs from {examples.source}" if examples.real else ""
@@ -65,17 +70,18 @@ def report_rows(session: Session, rows: dict[str, Comparison], spec: str, exampl
     failed = [name for name, c in rows.items() if c.relative > rtol]
     if failed:
         worst = max(failed, key=lambda name: rows[name].relative)
+        why = (cause and cause(worst)) or (
+            "deploy or export the checkpoint again, and check it was saved from the trained model")  # fmt: skip
         raise VerificationError(
             f"{len(failed)} of {len(rows)} comparisons exceed rtol={rtol:g} (worst: {worst}, relative "
-            f"{rows[worst].relative:.3g}): deploy or export the checkpoint again, and check it was saved from the "
-            "trained model"
+            f"{rows[worst].relative:.3g}): {why}"
         )
     session.say(f"all {len(rows)} comparisons within rtol={rtol:g}")
 
 
 def raise_failed(session: Session) -> None:
     """``VerificationError`` naming the first recorded check that exceeds its tolerance."""
-    from ..files.export import check_failure
+    from ..files.export_check import check_failure
 
     if session.failed:
         raise check_failure(*session.failed[0])
@@ -89,8 +95,9 @@ def keep_worst(rows: dict[str, Comparison], new: dict[str, Comparison]) -> None:
 
 
 def report_quant_table(session: Session, rows: list[list[str]], title: str) -> None:
-    """The quantisation report's rows (headers first) as a table."""
-    table = Table(*(folding(header) for header in rows[0]), box=box.SIMPLE, title=title)
+    """The quantisation report's rows (headers first) as a table; layer names are never wrapped or cut."""
+    names = Column(rows[0][0], no_wrap=True, min_width=max(len(row[0]) for row in rows))
+    table = Table(names, *(folding(header) for header in rows[0][1:]), box=box.SIMPLE, title=title)
     for row in rows[1:]:
         table.add_row(*row)
     session.table(table)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import pickle
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..constants import SEARCH_BATCH
@@ -27,7 +26,8 @@ if TYPE_CHECKING:
 
 NO_METADATA_HINT = (
     "the file carries no acnet metadata: pass the --arg, --block, --mode, --include, --exclude, "
-    "--min-kernel, --max-kernel and --input-shape values used with acnet convert"
+    "--min-kernel, --max-kernel and --input-shape values used with acnet convert; for a model acified in Python, "
+    "write the file with acnet_convert.save_weights(model, path), which records the plan it was acified by"
 )
 
 
@@ -172,7 +172,7 @@ def load_shipped(path: str, loaded: Loaded, deployed: nn.Module | None) -> nn.Mo
     from ..files import checkpoint
     from ..files.export import artifact_format, load_artifact
 
-    if Path(path).is_file() and artifact_format(path):
+    if artifact_format(path):
         return load_artifact(path, device=loaded.examples.device)
     shipped = checkpoint.read(path)
     form = shipped.get("format")

@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..checks.verify import Comparison
 
 err = Console(stderr=True, highlight=False)
+PIPE_WIDTH = 100_000  # tables take their natural width: no row is wrapped or cut where nobody reads at a width
 
 
 def error_line(message: str) -> None:
@@ -48,9 +49,10 @@ class Session:
         self.out.print(text, soft_wrap=True, markup=False)
 
     def table(self, table: Table) -> None:
-        """A table on stdout: a terminal's width, else up to 160 columns so that rows stay whole."""
+        """A table on stdout: a terminal's width, else as wide as its rows (a pipe or a file has no width)."""
         console = self.out
-        console.width = console.width if console.is_terminal else max(console.width, 160)
+        if not console.is_terminal:
+            console.width = PIPE_WIDTH
         console.print(table)
 
     def note(self, text: str) -> None:
@@ -90,15 +92,20 @@ class Session:
             self.finish()
 
     @contextlib.contextmanager
-    def library_warnings(self) -> Iterator[None]:
-        """The library's warnings as warning lines (each one line, however long)."""
+    def library_warnings(self, flags: Mapping[str, str] | None = None, *, every: bool = True) -> Iterator[None]:
+        """The warnings raised inside as warning lines (each one line, however long, and each text once), with the
+        Python names in ``flags`` replaced by the command line's flags; all of them, or unless ``every`` only those
+        the warning filters in force show (Python's hide other packages' deprecation warnings)."""
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            if every:
+                warnings.simplefilter("always")
             try:
                 yield
             finally:
-                for warning in caught:
-                    self.warn(str(warning.message))
+                for text in dict.fromkeys(str(warning.message) for warning in caught):
+                    for name, replacement in (flags or {}).items():
+                        text = text.replace(name, replacement)
+                    self.warn(text)
 
     def spinner(self, description: str) -> contextlib.AbstractContextManager[None]:
         """A transient spinner on stderr (on a terminal, without --quiet)."""

@@ -101,7 +101,9 @@ class ModelSpec:
         text = str(exc)
         unknown = re.search(r"unexpected keyword argument '(\w+)'", text) if isinstance(exc, TypeError) else None
         if unknown and unknown.group(1) in self.kwargs:
-            return ACNetError(f"--arg {unknown.group(1)} is not an argument of {self.text}{self._takes(unknown[1])}")
+            return ACNetError(
+                f"--arg {unknown.group(1)} is not an argument of {self.text}{self._takes(unknown[1], _callee(exc))}"
+            )
         missing = re.search(r"missing \d+ required \w+ arguments?: (.+)$", text) if isinstance(exc, TypeError) else None
         if missing:
             names = re.findall(r"'(\w+)'", missing.group(1))
@@ -111,9 +113,10 @@ class ModelSpec:
             f"building {self.text} failed{_user_line(exc)}: {first_line(exc)}; check the code and the --arg values"
         )
 
-    def _takes(self, unknown: str) -> str:
-        """'; it takes a, b; did you mean a?' from the factory's signature, or '' when it has none to read."""
-        names = _parameters(self.factory)
+    def _takes(self, unknown: str, callee: Callable[..., object] | None = None) -> str:
+        """' (it takes a, b); did you mean a?' from the signatures of the factory and of the ``callee`` it passes its
+        keyword arguments on to, or ': check the --arg names' when there is none to read."""
+        names = list(dict.fromkeys([*_parameters(self.factory), *(_parameters(callee) if callee else [])]))
         if not names:
             return ": check the --arg names"
         return f" (it takes {', '.join(names)}){_suggest(unknown, names) or ': check the --arg names'}"
@@ -138,6 +141,19 @@ def _download_failure(exc: BaseException) -> BaseException | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _callee(exc: TypeError) -> Callable[..., object] | None:
+    """The callable that a TypeError's "X() got an unexpected keyword argument" names, as the code that called it
+    sees it (a torchvision or timm builder passes its keyword arguments on to the model class)."""
+    named = re.match(r"(\w+)(?:\.__init__)?\(\) got an unexpected", str(exc))
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if named is None or tb is None:
+        return None
+    seen = [*tb.tb_frame.f_locals.values(), *tb.tb_frame.f_globals.values()]
+    return next((value for value in seen if callable(value) and getattr(value, "__name__", None) == named[1]), None)
 
 
 def _parameters(factory: Callable[..., object]) -> list[str]:

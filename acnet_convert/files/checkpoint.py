@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -186,7 +187,7 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def ensure_writable(path: str | Path, *, force: bool = False) -> Path:
-    """Refuse an output path that exists (unless ``force``), is a directory, or lies in a missing directory."""
+    """Refuse an output path that exists (unless ``force``), is a directory, or lies under a file."""
     path = Path(path)
     if path.is_dir():
         raise ACNetError(f"{path} is a directory: give a file name")
@@ -194,8 +195,9 @@ def ensure_writable(path: str | Path, *, force: bool = False) -> Path:
         raise ACNetError(
             f"{path} already exists: pass force=True to overwrite it, or choose another name"
         )
-    if not path.parent.is_dir():
-        raise ACNetError(f"directory {path.parent} does not exist: create it first")
+    existing = next(parent for parent in path.parents if parent.exists())
+    if not existing.is_dir():
+        raise ACNetError(f"{existing} is a file, so {path} cannot be written under it: choose another path")
     return path
 
 
@@ -203,9 +205,12 @@ def ensure_writable(path: str | Path, *, force: bool = False) -> Path:
 def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    On any failure the temporary file is removed and ``path`` is left as it was.
+    Missing folders are created, and removed again on any failure; the temporary file is removed and ``path`` is
+    left as it was.
     """
     path = ensure_writable(path, force=force)
+    missing = [parent for parent in path.parents if not parent.exists()]  # deepest first
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
     try:
         yield tmp
@@ -215,8 +220,12 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
             raise ACNetError(f"{path} appeared while writing: pass force=True to overwrite it")
         tmp.chmod(0o666 & ~_umask())  # some writers create private files; outputs get the usual permissions
         os.replace(tmp, path)
+        missing = []
     finally:
         tmp.unlink(missing_ok=True)
+        for folder in missing:
+            with contextlib.suppress(OSError):  # left where something else was written into it meanwhile
+                folder.rmdir()
 
 
 def _umask() -> int:

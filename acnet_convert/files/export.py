@@ -1,8 +1,8 @@
 """Exported artifacts of a deployed model: ONNX, ``torch.export`` programs (``.pt2``) and TorchScript.
 
 Each exporter writes one file for ``model(*inputs)``; ``load_artifact`` reads any of them back as a callable
-module, so that an artifact can be compared with the model it came from; ``export_checked`` does both, and keeps
-the file only when it computes what the model computes. Inputs are named ``input`` (or
+module, so that an artifact can be compared with the model it came from (``export_check`` does both). A traced
+file says so in its own metadata, and ``load_artifact`` reads it back. Inputs are named ``input`` (or
 ``input_0`` ... ``input_n``); outputs ``output``, ``output_0`` ... ``output_n``, or the keys of a dict output.
 The batch (first) dimension of every input is dynamic unless ``dynamic=False``.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ..checks.verify import Comparison, verify
 from ..constants import ARTIFACT_FORMATS
-from ..errors import ACNetError, VerificationError, first_line, warn
-from . import checkpoint
-from .inputs import at_batch, random_inputs
+from ..errors import ACNetError, first_line, in_one_line
 
+MARK, TRACED = "acnet_convert.export", "traced"  # the metadata entry of a file that holds one traced path
 RUNNERS = {"onnx": "onnxruntime", "pt2": "torch.export", "torchscript": "TorchScript"}  # what runs each format
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")
 _OUTPUT_INDEX = re.compile(r"output_\d+")
@@ -45,7 +42,12 @@ class Exported:
     dynamic: bool
     opset: int | None = None
     fallback: str = ""  # why torch.export could not capture the model, when the tracing exporter wrote the file
-    checked_batches: list[int] = field(default_factory=list)  # the batch sizes export_checked ran the file at
+    checked_on: list[str] = field(default_factory=list)  # the inputs the file was checked on, described
+
+    @property
+    def traced(self) -> bool:
+        """Whether the file holds only the path its example input took (TorchScript, or ONNX's tracing exporter)."""
+        return self.format == "torchscript" or bool(self.fallback)
 
 
 def input_names(count: int) -> list[str]:
@@ -82,15 +84,16 @@ def export_onnx(
             )
         fallback = ""
     except Exception as exc:  # torch.export raises many types on data-dependent code
-        fallback = first_line(exc)
+        fallback = in_one_line(exc.__cause__ or exc)  # torch.onnx wraps torch.export's error in steps to take
         axes = {name: {0: "batch"} for name in [*names, *outputs]} if dynamic else None
         try:
             with quiet():
                 torch.onnx.export(model, inputs, str(path), dynamic_axes=axes, dynamo=False, **common)
         except Exception as exc2:
             raise ACNetError(
-                f"ONNX export failed ({first_line(exc2)}): save_weights(model, path, \"plain\") still works"
+                f"ONNX export failed ({in_one_line(exc2)}): save_weights(model, path, \"plain\") still works"
             ) from exc2
+        _mark_traced(path)
     return Exported(Path(path), "onnx", names, outputs, dynamic, _opset(path), fallback)
 
 
@@ -103,7 +106,7 @@ def export_pt2(model: nn.Module, inputs: tuple[Tensor, ...], path: str | Path, *
             torch.export.save(program, buffer)
     except Exception as exc:  # torch.export raises many types on code it cannot capture
         raise ACNetError(
-            f"torch.export cannot capture the model ({first_line(exc)}): use export_onnx (which falls back to the "
+            f"torch.export cannot capture the model ({in_one_line(exc)}): use export_onnx (which falls back to the "
             "tracing exporter) or export_torchscript instead"
         ) from exc
     Path(path).write_bytes(buffer.getvalue())
@@ -114,74 +117,10 @@ def export_torchscript(model: nn.Module, inputs: tuple[Tensor, ...], path: str |
     """Trace ``model`` on ``inputs`` with ``torch.jit.trace`` (deprecated by torch) and save it."""
     try:
         with quiet():
-            torch.jit.save(torch.jit.trace(model, inputs, strict=False), str(path))
+            torch.jit.save(torch.jit.trace(model, inputs, strict=False), str(path), _extra_files={MARK: TRACED})
     except Exception as exc:
-        raise ACNetError(f"TorchScript tracing failed ({first_line(exc)}): try export_pt2 or export_onnx") from exc
+        raise ACNetError(f"TorchScript tracing failed ({in_one_line(exc)}): try export_pt2 or export_onnx") from exc
     return Exported(Path(path), "torchscript", input_names(len(inputs)), _output_names(model, inputs), True)
-
-
-def export_checked(
-    model: nn.Module,
-    inputs: tuple[Tensor, ...],
-    path: str | Path,
-    format: str,
-    *,
-    opset: int | None = None,
-    dynamic: bool = True,
-    force: bool = False,
-    rtol: float = 1e-4,
-    shapes: list[tuple[int, ...]] | None = None,
-    on_check: Callable[[str, Comparison], None] | None = None,
-) -> Exported:
-    """Export ``model`` (deployed, on the CPU) as ``format`` to ``path``, kept only if it computes the same.
-
-    The file is run at the batch size of ``inputs`` and, with a dynamic batch, at another one (random inputs of
-    ``shapes``, default the inputs' shapes); outputs that differ beyond ``rtol`` (relative to max(1, max|ref|))
-    raise ``VerificationError`` and leave ``path`` as it was.  ``on_check`` sees each comparison, labelled.
-    """
-    if format not in ARTIFACT_FORMATS:
-        raise ACNetError(f"unknown export format {format!r}: use one of {', '.join(ARTIFACT_FORMATS)}")
-    batch = int(inputs[0].shape[0])
-    traced = inputs if not dynamic or batch > 1 else tuple(t.repeat(2, *[1] * (t.dim() - 1)) for t in inputs)
-    with checkpoint.atomic_output(path, force=force) as tmp:
-        if format == "onnx":
-            exported = export_onnx(model, traced, tmp, opset=opset, dynamic=dynamic)
-        elif format == "pt2":
-            exported = export_pt2(model, traced, tmp, dynamic=dynamic)
-        else:
-            exported = export_torchscript(model, traced, tmp)
-        if exported.fallback:
-            warn(
-                f"torch.export could not capture the model ({exported.fallback}); the tracing exporter wrote {path}: "
-                "it holds only the path the example input took through data-dependent code"
-            )
-        artifact = load_artifact(tmp, format=format)
-        runs = [(batch, inputs)]
-        if dynamic and not exported.fallback:  # a traced file holds the example's path: other inputs may differ
-            other = 1 if batch > 1 else 3
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            others = at_batch(shapes or [tuple(x.shape) for x in inputs], other)
-            runs.append((other, random_inputs(others, dtype, seed=1)))
-        failed = None
-        for size, x in runs:
-            label = f"{RUNNERS[format]} ({path}) vs deployed at batch {size}"
-            result = verify(model, artifact, *x, rtol=math.inf)
-            if on_check is not None:
-                on_check(label, result)
-            if result.relative > rtol and failed is None:
-                failed = check_failure(label, result, rtol)
-        if failed is not None:
-            raise failed
-    exported.path, exported.checked_batches = Path(path), [size for size, _ in runs]
-    return exported
-
-
-def check_failure(label: str, result: Comparison, rtol: float) -> VerificationError:
-    """The error of a comparison beyond ``rtol``, naming it."""
-    return VerificationError(
-        f"check {label} failed: max abs error {result.max_abs:.3g}, relative {result.relative:.3g} exceeds "
-        f"rtol={rtol:g}; did the model change after deploy, or is it not deterministic in eval?"
-    )
 
 
 def artifact_format(path: str | Path) -> str | None:
@@ -208,28 +147,31 @@ def load_artifact(path: str | Path, *, format: str | None = None, device: str = 
     format = format or artifact_format(path)
     if format not in ARTIFACT_FORMATS:
         raise ACNetError(f"{path} is not an exported model: give an .onnx, .pt2 or TorchScript file")
+    extra = {MARK: ""}
     try:
         with quiet():
             if format == "onnx":
                 runner = OnnxModel(path)
+                extra[MARK] = runner.metadata.get(MARK, "")
             elif format == "pt2":
                 runner = torch.export.load(io.BytesIO(path.read_bytes())).module()
             else:
-                runner = torch.jit.load(str(path), map_location="cpu")
+                runner = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except ACNetError:
         raise
     except Exception as exc:
         raise ACNetError(f"{path} is not a readable {format} file ({first_line(exc)}): export it again") from exc
-    return Artifact(runner, format, device)
+    return Artifact(runner, format, device, traced=extra[MARK] in (TRACED, TRACED.encode()))  # TorchScript: bytes
 
 
 class Artifact(nn.Module):
-    """An exported model's runner, fed on the CPU; its outputs come back on ``device``."""
+    """An exported model's runner, fed on the CPU; its outputs come back on ``device``; ``traced`` when the file
+    says that it holds one traced path."""
 
-    def __init__(self, runner: object, format: str, device: str = "cpu"):
+    def __init__(self, runner: object, format: str, device: str = "cpu", *, traced: bool = False):
         super().__init__()
         self.__dict__["runner"] = runner  # not a submodule: eval() and train() leave the exported program alone
-        self.format, self.device = format, device
+        self.format, self.device, self.traced = format, device, traced
 
     def forward(self, *inputs: Tensor):
         with torch.no_grad(), quiet():
@@ -245,13 +187,17 @@ class OnnxModel(nn.Module):
         require_onnx(("onnxruntime",))
         import onnxruntime
 
+        self.path = Path(path)
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.names = [arg.name for arg in self.session.get_outputs()]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def forward(self, *inputs: Tensor):
         expected = self.session.get_inputs()
         if len(inputs) != len(expected):
             raise ACNetError(f"the ONNX file takes {len(expected)} input(s), {len(inputs)} given")
+        for arg, x in zip(expected, inputs):
+            self._check_size(arg, tuple(x.shape), len(expected) > 1)
         feed = {arg.name: x.detach().cpu().numpy() for arg, x in zip(expected, inputs)}
         outputs = [torch.from_numpy(y) for y in self.session.run(None, feed)]
         if self.names == ["output"]:
@@ -259,6 +205,30 @@ class OnnxModel(nn.Module):
         if all(_OUTPUT_INDEX.fullmatch(name) for name in self.names):
             return tuple(outputs)
         return dict(zip(self.names, outputs))
+
+    def _check_size(self, arg, shape: tuple[int, ...], named: bool) -> None:
+        """``ACNetError`` for an input whose size the file fixes otherwise (onnxruntime's own error is many lines)."""
+        fixed = [size if isinstance(size, int) else None for size in arg.shape]  # None: a dynamic dimension
+        if len(fixed) == len(shape) and all(size in (None, given) for size, given in zip(fixed, shape)):
+            return
+        size = "x".join("N" if s is None else str(s) for s in fixed)
+        dynamic = [i for i, s in enumerate(fixed) if s is None]
+        which = "no dimension is dynamic" if not dynamic else "only the batch N is dynamic" if dynamic == [0] else (
+            "N marks its dynamic dimensions")  # fmt: skip
+        where = f"'s input {arg.name}" if named else ""
+        raise ACNetError(
+            f"{self.path.name}{where} has a fixed input size {size} ({which}), given {'x'.join(map(str, shape))}: run "
+            "it on inputs of that size, or export it again at the size needed"
+        )
+
+
+def _mark_traced(path: str | Path) -> None:
+    """Record in an ONNX file's metadata that it holds one traced path."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {MARK: TRACED})
+    onnx.save(model, str(path))
 
 
 def _output_names(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[str]:

@@ -127,9 +127,11 @@ def _place_site(site: Site, deployed: nn.Module, state: dict[str, Tensor], names
         for name in names[id(bn)]:
             state[f"{name}.running_mean"] = mean
     elif bias.any():
+        why = "is shared (called more than once per forward, so it absorbs no BatchNorm) and has no bias" if (
+            "repeated-calls" in site.codes) else "has no bias and no BatchNorm after it"  # fmt: skip
         raise ACNetError(
-            f"conv {site.name} has no bias and no BatchNorm after it, so its fused bias "
-            f"(max |b| = {bias.abs().max().item():.3g}) has no place in the original model: use format plain"
+            f"conv {site.name} {why}, so its fused bias (max |b| = {bias.abs().max().item():.3g}) has no place in "
+            "the original model: use format plain"
         )
 
 

@@ -487,6 +487,8 @@ def test_onnx_mismatch_exits_1_and_leaves_no_file(inputs, tmp_path, monkeypatch)
     shutil.copytree(inputs, tmp_path, dirs_exist_ok=True)
 
     class Wrong(torch.nn.Module):
+        metadata: dict = {}  # noqa: RUF012
+
         def __init__(self, path):
             super().__init__()
 

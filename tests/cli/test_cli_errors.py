@@ -127,9 +127,16 @@ def test_cuda_device_without_cuda(folder):
     assert left_behind(folder) == []
 
 
-def test_an_artifact_for_another_input_shape_fails_in_one_line(folder):
+def test_an_artifact_for_another_input_shape_names_its_fixed_size(folder):
     acnet(folder, "convert", "model.py", "--input-shape", "2,3,16,16", "-q")
     acnet(folder, "export", "model.py", "-w", "model.acnet.safetensors", "--onnx", "m.onnx", "--static-shape", "-q")
+    acnet(folder, "export", "model.py", "-w", "model.acnet.safetensors", "--onnx", "d.onnx", "-q")
     failed = acnet(folder, "verify", "model.py", "-w", "model.acnet.safetensors", "--deployed", "m.onnx",
                    "--input-shape", "2,3,8,8", code=2)  # fmt: skip
-    assert "the model failed on a random input of shape 2x3x8x8" in one_error_line(failed)
+    fixed = "m.onnx has a fixed input size 2x3x16x16 (no dimension is dynamic), given 2x3x8x8"
+    assert fixed in one_error_line(failed)
+    failed = acnet(folder, "verify", "model.py", "-w", "model.acnet.safetensors", "--deployed", "d.onnx",
+                   "--input-shape", "1,3,8,8", code=2)  # fmt: skip
+    assert "d.onnx has a fixed input size Nx3x16x16 (only the batch N is dynamic), given 1x3x8x8" in (
+        one_error_line(failed)
+    )

@@ -94,12 +94,13 @@ SHAPE = ["--input-shape", "2,3,16,16"]
 ACNET = Path(sys.executable).with_name("acnet")
 
 
-def acnet(folder, *args, code=0):
-    """Run acnet in ``folder`` in process; check the exit code; return the result."""
+def acnet(folder, *args, code=0, env=None):
+    """Run acnet in ``folder`` in process (``env`` added to its environment); check the exit code; return the
+    result."""
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        result = CliRunner().invoke(app, list(map(str, args)), env={"COLUMNS": "200"})
+        result = CliRunner().invoke(app, list(map(str, args)), env={"COLUMNS": "200", **(env or {})})
     finally:
         os.chdir(cwd)
     assert result.exit_code == code, (result.stdout, result.stderr)
@@ -175,8 +176,9 @@ def test_export_says_each_file_equals_the_deployed_model(trained, tmp_path):
     (tmp_path / "trained.safetensors").write_bytes((trained / "trained.safetensors").read_bytes())
     text = acnet(tmp_path, "export", "model.py", "-w", "trained.safetensors", *SHAPE, "--onnx", "m.onnx",
                  "--opset", "18", "--static-shape").stdout  # fmt: skip
-    assert "check onnxruntime (m.onnx) vs deployed at batch 2" in text and "batch fixed" in text
-    assert "equals the deployed model within rtol=0.0001 at batch size 2" in text
+    assert "check onnxruntime (m.onnx) vs deployed on the example (batch 2)" in text and "batch fixed" in text
+    assert "equals the deployed model within rtol=0.0001 on the example (batch 2), the example negated (batch 2) " \
+        "and random inputs (batch 2)" in text
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [2, 3, 16, 16]
 
@@ -190,6 +192,8 @@ def test_verify_checks_an_exported_artifact(trained, artifact):
     failed = acnet(trained, "verify", "model.py", "-w", "trained.safetensors", "--deployed", f"perturbed.{artifact}",
                    "--samples", "2", *SHAPE, code=1)  # fmt: skip
     assert f"worst: output (perturbed.{artifact})" in one_error_line(failed)
+    wrong_weights = f"perturbed.{artifact} differs on every input: it does not hold the model trained.safetensors"
+    assert wrong_weights in one_error_line(failed)
 
 
 def test_verify_compares_a_plain_model_with_its_artifact_on_real_inputs(trained, tmp_path):
@@ -366,7 +370,9 @@ def test_json_of_every_command(trained, tmp_path):
     assert len(verify_["checks"]) == 4 and all(c["passed"] for c in verify_["checks"])
     export = json.loads(acnet(tmp_path, "export", "model.py", "-w", "model.acnet.safetensors", "--pt2", "m.pt2",
                               "--json").stdout)  # fmt: skip
-    assert export["files"][0]["dynamic_batch"] and len(export["checks"]) == 3
+    assert export["files"][0]["dynamic_batch"] and not export["files"][0]["traced"] and len(export["checks"]) == 4
+    assert export["files"][0]["checked_on"] == ["the example (batch 2)", "the example negated (batch 2)",
+                                                "random inputs (batch 1)"]  # fmt: skip
     quant = json.loads(acnet(tmp_path, "quantcheck", "model.py", "-w", "model.deployed.safetensors", "--no-ptq",
                              "--json").stdout)  # fmt: skip
     assert quant["command"] == "quantcheck" and quant["ptq"] is None and len(quant["layers"]) == 5

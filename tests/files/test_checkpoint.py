@@ -186,11 +186,21 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o666 & ~mask
 
 
+def test_missing_folders_are_created_and_removed_again_when_writing_fails(tmp_path):
+    write(tmp_path / "sub" / "dir" / "a.pt", Net().state_dict())
+    assert (tmp_path / "sub" / "dir" / "a.pt").is_file()
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "new" / "dir" / "b.pt") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("the writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
 def test_bad_output_names(tmp_path):
     with pytest.raises(ACNetError, match="cannot tell the format"):
         write(tmp_path / "a.bin", Net().state_dict())
-    with pytest.raises(ACNetError, match="does not exist: create it first"):
-        write(tmp_path / "missing" / "a.pt", Net().state_dict())
+    (tmp_path / "file.pt").write_bytes(b"")
+    with pytest.raises(ACNetError, match="is a file, so .* cannot be written under it"):
+        write(tmp_path / "file.pt" / "sub" / "a.pt", Net().state_dict())
     (tmp_path / "folder.pt").mkdir()
     with pytest.raises(ACNetError, match="is a directory"):
         write(tmp_path / "folder.pt", Net().state_dict())

@@ -81,7 +81,7 @@ REWORDED = {
 }
 # Options added since 0.2.0: (command, parameter).
 ADDED = {("convert", "search_scales"), ("convert", "search_epochs"), ("convert", "block_option"),
-         ("inspect", "block_option")}  # fmt: skip
+         ("inspect", "block_option"), ("export", "allow_traced")}  # fmt: skip
 # Choices added since 0.2.0 (every old choice is still there): parameter -> (old type, new type, words added to help).
 EXTENDED = {
     "mode": ("typing.Literal['exact', 'fast']", "typing.Literal['exact', 'fast', 'repopt']",
@@ -105,5 +105,6 @@ def test_every_command_option_and_default_is_the_020_one():
     for command, name in ADDED:
         params = surface[command]
         assert any(p["name"] == name for p in params[1:]), (command, name)
+        assert all(p["name"] != name for p in recorded[command][1:])
         surface[command] = [params[0], *(p for p in params[1:] if p["name"] != name)]
     assert surface == recorded

@@ -75,9 +75,9 @@ def models(tmp_path_factory):
     return folder / "models.py", namespace
 
 
-def acnet(*args):
+def acnet(*args, codes=(0,)):
     result = CliRunner().invoke(app, list(map(str, args)))
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code in codes, result.stderr
     return result
 
 
@@ -101,9 +101,16 @@ def test_data_dependent_branch_round_trips_on_the_command_line_for_every_initial
         absorbed.add(read(acified).plan.converted[1].bn)
         acnet("deploy", spec, "-w", acified, "--out", deployed)
         acnet("verify", spec, "-w", acified, "--deployed", deployed, "--samples", "2")
-        result = acnet("export", spec, "-w", acified, "--onnx", tmp_path / f"m{run}.onnx")
+        onnx_file = tmp_path / f"m{run}.onnx"
+        refused = acnet("export", spec, "-w", acified, "--onnx", onnx_file, codes=(2,))
+        assert "decided by the example run" in refused.stderr and "--allow-traced" in refused.stderr
+        result = acnet("export", spec, "-w", acified, "--onnx", onnx_file, "--allow-traced", codes=(0, 1))
         assert "torch.export could not capture the model" in result.stderr
-        assert "only the path the example input took" in result.stderr
+        assert "only the path the example took" in result.stderr
+        if result.exit_code:  # the negated or the random input took the other branch
+            assert "the file was traced" in result.stderr and not onnx_file.exists()
+        else:
+            assert onnx_file.exists() and "traced" in result.stdout
     assert absorbed <= {"bn", None}
 
 

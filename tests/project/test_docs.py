@@ -11,10 +11,13 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
+
+from acnet_convert.constants import DEFAULT_GAMMA
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -108,3 +111,13 @@ def test_relative_links_point_to_existing_files_and_headings():
             if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
                 broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
     assert not broken, broken
+
+
+DEFAULT_GAMMA_TEXT = re.compile(r"(?:gamma_init`, |init=\"scratch\"`: BatchNorm gamma )(\d+(?:\.\d+)?(?:/\d+)?)")
+
+
+def test_the_default_gamma_the_docs_give_is_the_library_default():
+    given = [(page.name, match[1]) for page in PAGES for match in DEFAULT_GAMMA_TEXT.finditer(page.read_text())]
+    assert given, "no page states the default gamma_init any more: update this test's pattern"
+    default = Fraction(DEFAULT_GAMMA).limit_denominator(1000)
+    assert [(name, value) for name, value in given if Fraction(value) != default] == []

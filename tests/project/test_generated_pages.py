@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,3 +41,13 @@ def rendered(page):
 @pytest.mark.parametrize("page", ["benchmarks.md", "accuracy.md", "timm-sweep.md"])
 def test_generated_page_matches_its_record(page):
     assert (DOCS / page).read_text() == rendered(page), f"docs/{page} is stale: rerun its script's render step"
+
+
+FIGURE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?([x%])(?!\w)")  # 1.02x, 1.6-2.4x, 93.1%
+
+
+def test_every_figure_the_readme_quotes_is_on_a_generated_page():
+    generated = " ".join((DOCS / page).read_text() for page in ("benchmarks.md", "accuracy.md", "timm-sweep.md"))
+    quoted = [(match[0], number + match[3]) for match in FIGURE.finditer((ROOT / "README.md").read_text())
+              for number in filter(None, match.groups()[:2])]  # fmt: skip
+    assert [figure for figure, number in quoted if number not in generated] == []

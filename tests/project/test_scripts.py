@@ -1,6 +1,8 @@
 """The scripts a user runs: they must keep working (smoke sizes; the figures are not checked here)."""
 
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +59,35 @@ def test_device_check_fails_when_deployment_is_wrong(capsys):
     check.deploy = off_by_a_little
     assert check.main(["--device", "cpu", "--side", "32"]) == 1
     assert capsys.readouterr().out.count("FAIL") == 2
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1 $2" in "-m pip"|"-m pytest") echo "$*" >> "$CALLS"; exit 0;; esac
+exec {python} "$@"
+"""
+
+
+def test_the_setup_installs_each_scripts_extra_once_per_change_of_pyproject(tmp_path):
+    for name in ("_venv.sh", "demo", "test"):
+        (tmp_path / "scripts").mkdir(exist_ok=True)
+        shutil.copy2(ROOT / "scripts" / name, tmp_path / "scripts" / name)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(FAKE_PYTHON.format(python=sys.executable))
+    (bin_dir / "acnet").write_text("#!/usr/bin/env bash\n")
+    for tool in ("python", "acnet"):
+        (bin_dir / tool).chmod(0o755)
+    calls = tmp_path / "calls"
+
+    def installs(script: str) -> list[str]:
+        before = calls.read_text().splitlines() if calls.exists() else []
+        result = subprocess.run([f"scripts/{script}", "--help"], cwd=tmp_path, env={**os.environ, "CALLS": str(calls)},
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return [call.split()[-1] for call in calls.read_text().splitlines()[len(before):] if "pip" in call]
+
+    assert installs("demo") == ['.[demo]'] and installs("demo") == []
+    assert installs("test") == ['.[test]'] and installs("test") == []
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\nversion = '2'\n")
+    assert installs("demo") == ['.[demo]']

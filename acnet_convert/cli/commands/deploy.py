@@ -6,7 +6,7 @@ import math
 from typing import Annotated
 
 from ..examples import Examples
-from ..framework import epilog
+from ..framework import as_flags, epilog
 from ..options import (
     Args,
     CheckInputs,
@@ -32,6 +32,8 @@ EPILOG = epilog(
     "acnet-convert. After writing, one line sums up how the deployed weights will quantise (acnet quantcheck "
     "for the details).",
 )
+
+FLAGS = {"use format plain": "use --format plain"}  # the library's advice, as a flag
 
 
 def main(
@@ -61,7 +63,7 @@ def main(
     target = checkpoint.ensure_writable(out_file or f"{loaded.spec.stem}.deployed.safetensors", force=force)
     checkpoint.serialization(target)
     acified = loaded.require("acified", "pass the acified checkpoint, trained")
-    with session.spinner("fusing and checking"), loaded.examples.errors():
+    with session.spinner("fusing and checking"), loaded.examples.errors(), as_flags(FLAGS):
         deployed = deploy(acified)
         x = loaded.examples.first(acified)
         session.check("deployed vs acified", verify(acified, deployed, *x, rtol=math.inf), rtol)

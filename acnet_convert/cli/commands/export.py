@@ -14,19 +14,22 @@ from ..restore import restore
 from ..session import Session
 
 if TYPE_CHECKING:
-    from torch import nn
+    from ...files.export import Exported
 
 EPILOG = epilog(
     "acnet export torchvision:resnet18 -w trained.safetensors --onnx resnet18.onnx --input-shape 2,3,224,224",
     "acnet export model.py -w trained.pt --pt2 model.pt2 --onnx model.onnx --opset 18",
     note="ONNX needs the onnx extra: pip install 'acnet-convert\\[onnx]'. The batch dimension is dynamic unless "
-    "--static-shape; each file is run at the example batch size and at another one and compared with the "
-    "deployed model. TorchScript is deprecated by PyTorch: prefer --pt2.",
+    "--static-shape; each file is run on the example, the example negated and random inputs at another batch size, "
+    "and compared with the deployed model; all files are written or none. A traced file (TorchScript, or ONNX when "
+    "torch.export cannot capture the model) holds only the path the example took: it is refused where the plan has "
+    "convs decided by the example run, unless --allow-traced. TorchScript is deprecated by PyTorch: prefer --pt2.",
 )
 # The library's advice, as flags: its errors name Python functions and arguments.
 FLAGS = {
     "use export_onnx": "export --onnx", "export_torchscript": "--torchscript", "export_pt2": "--pt2",
     "export_onnx": "--onnx", 'save_weights(model, path, "plain")': "acnet deploy --format plain",
+    "allow_traced=True": "--allow-traced",
 }  # fmt: skip
 
 
@@ -49,6 +52,10 @@ def main(
     static_shape: Annotated[
         bool, option("--static-shape", text="Fix the batch size to the example's instead of leaving it dynamic.")
     ] = False,
+    allow_traced: Annotated[
+        bool,
+        option("--allow-traced", text="Write a traced file even where the model's path may depend on its input."),
+    ] = False,
     checkpoint_key: CheckpointKey = None,
     arg: Args = None,
     *,
@@ -61,6 +68,7 @@ def main(
     from ...api import deploy
     from ...checks.verify import verify
     from ...files import checkpoint
+    from ...files.export_check import export_all
 
     targets = {form: path for form, path in (("onnx", onnx_file), ("pt2", pt2_file),
                                               ("torchscript", torchscript_file)) if path}  # fmt: skip
@@ -82,28 +90,30 @@ def main(
         raise_failed(session)
     deployed = deployed.cpu().eval()
     examples = loaded.examples.on_cpu()
-    for form, path in targets.items():
-        _export(session, form, path, deployed, examples, opset=opset, dynamic=not static_shape, force=force, rtol=rtol)
-
-
-def _export(
-    session: Session, form: str, path: str, deployed: nn.Module, examples: Examples, *, opset: int | None,
-    dynamic: bool, force: bool, rtol: float,
-) -> None:  # fmt: skip
-    """One file exported and checked by the library; its checks, JSON entry and line rendered."""
-    from ...files.export import export_checked
-
-    with session.spinner(f"exporting {path}"), session.library_warnings(), examples.errors(), as_flags(FLAGS):
-        exported = export_checked(
-            deployed, examples.first(deployed), path, form, opset=opset, dynamic=dynamic, force=force, rtol=rtol,
-            shapes=examples.shapes, on_check=lambda label, result: session.check(label, result, rtol),
+    names = ", ".join(targets.values())
+    with session.spinner(f"exporting {names}"), session.library_warnings(FLAGS), examples.errors(), as_flags(FLAGS):
+        written = export_all(
+            deployed, examples.first(deployed), targets, opset=opset, dynamic=not static_shape, force=force, rtol=rtol,
+            shapes=examples.shapes, allow_traced=allow_traced,
+            on_check=lambda label, result: session.check(label, result, rtol),
         )  # fmt: skip
-    session.record_file(path, form, inputs=exported.input_names, outputs=exported.output_names, dynamic_batch=dynamic,
-                        opset=exported.opset, tracing_fallback=bool(exported.fallback))  # fmt: skip
-    sizes = " and ".join(map(str, exported.checked_batches))
+    for exported in written:
+        _report(session, exported, rtol)
+
+
+def _report(session: Session, exported: Exported, rtol: float) -> None:
+    """One file's JSON entry and line: what it is, and the inputs it equals the deployed model on."""
+    from ...files.export_check import listing
+
+    path, form = exported.path, exported.format
+    session.record_file(path, form, inputs=exported.input_names, outputs=exported.output_names,
+                        dynamic_batch=exported.dynamic, opset=exported.opset, tracing_fallback=bool(exported.fallback),
+                        traced=exported.traced, checked_on=exported.checked_on)  # fmt: skip
     opset_text = f", opset {exported.opset}" if exported.opset else ""
+    traced = ", traced" if exported.traced else ""
+    only = ", and only on those: it holds the path they took" if exported.traced else ""
     session.say(
-        f"wrote {path} ({form}{opset_text}; inputs {', '.join(exported.input_names)}; outputs "
-        f"{', '.join(exported.output_names)}; batch {'dynamic' if dynamic else 'fixed'}): equals the deployed model "
-        f"within rtol={rtol:g} at batch size {sizes}"
+        f"wrote {path} ({form}{opset_text}{traced}; inputs {', '.join(exported.input_names)}; outputs "
+        f"{', '.join(exported.output_names)}; batch {'dynamic' if exported.dynamic else 'fixed'}): equals the deployed "
+        f"model within rtol={rtol:g} on {listing(exported.checked_on)}{only}"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from ..examples import Examples
-from ..framework import epilog
+from ..framework import as_flags, epilog
 from ..options import Args, CheckpointKey, InputOptions, Spec, Structure, option
 from ..render import report_quant_table
 from ..restore import restore
@@ -18,6 +18,8 @@ EPILOG = epilog(
     "inputs, and a flag with advice; then a static INT8 post-training quantisation of the whole model on the "
     "inputs (CPU), compared with the float model.",
 )
+
+FLAGS = {"pass ptq=False to quant_report": "pass --no-ptq"}  # the library's advice, as a flag
 
 
 def main(
@@ -48,7 +50,7 @@ def main(
     if reference:
         baseline = load(loaded.spec.build(), reference)
         baseline = deploy(baseline) if has_blocks(baseline) else baseline
-    with session.spinner("measuring"), loaded.examples.errors():
+    with session.spinner("measuring"), session.library_warnings(FLAGS), loaded.examples.errors(), as_flags(FLAGS):
         x = loaded.examples.first(model)
         report = quant_report(model, reference=baseline, inputs=x, ptq=not no_ptq)
     session.record.update(report.to_dict())
