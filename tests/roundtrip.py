@@ -88,11 +88,13 @@ def check_round_trip(model, train_step, eval_inputs, **acify_options):
 
 
 def kind_takes(kind: str, m: nn.Module) -> bool:
-    """Whether ``kind`` takes ``m``, by its rules, decided without the library: a plain Conv2d with odd sides, other
+    """Whether ``kind`` takes ``m``, by its rules, decided without the library: a Conv2d (or a subclass keeping its
+    forward) with odd sides, other
     than 1x1 (MobileOne takes 1x1 convs too); for DBB without dilation; for the dilated kind a depthwise KxK conv
     with K >= 5 and no dilation."""
     sides = getattr(m, "kernel_size", ())
-    if not (type(m) is nn.Conv2d and all(k % 2 for k in sides)):
+    keeps_forward = isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward
+    if not (keeps_forward and all(k % 2 for k in sides)):
         return False
     if kind == "mobileone":
         return True

@@ -11,12 +11,19 @@ from ..kernels import Kernel, fold_bn, identity_kernel
 from .geometry import branch_geometry, conv_padding, pad_like_conv
 
 
-def plain_conv_problem(conv: nn.Module) -> str:
-    """Why a block that adds 1x1-centred branches cannot wrap ``conv``, or '' when it can."""
+def conv2d_problem(conv: nn.Module) -> str:
+    """Why ``conv`` is not a Conv2d that computes Conv2d's convolution (a subclass may add attributes), or ''."""
     if not isinstance(conv, nn.Conv2d):
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if overrides_forward(conv, nn.Conv2d):
         return f"{type(conv).__name__} overrides forward(): the block would compute the plain convolution instead"
+    return ""
+
+
+def plain_conv_problem(conv: nn.Module) -> str:
+    """Why a block that adds 1x1-centred branches cannot wrap ``conv``, or '' when it can."""
+    if problem := conv2d_problem(conv):
+        return problem
     if any(k % 2 == 0 for k in conv.kernel_size):
         return "even kernel side: the kernel has no centre tap"
     if max(conv.kernel_size) == 1:

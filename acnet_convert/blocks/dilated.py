@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import Kernel, dilate_kernel, embed_centre, scaled
-from .branches import ConvBranch, new_bn
+from .branches import ConvBranch, conv2d_problem, new_bn
 from .forms import ComposedKernel, SummedBranches
 from .geometry import branch_geometry, conv_padding
 
@@ -39,8 +39,8 @@ def dilated_branches(size: int) -> tuple[tuple[int, int], ...]:
 
 def dilated_problem(conv: nn.Module) -> str:
     """Why a Dilated Reparam Block cannot wrap ``conv``, or '' when it can."""
-    if type(conv) is not nn.Conv2d:
-        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if problem := conv2d_problem(conv):
+        return problem
     if not conv.groups == conv.in_channels == conv.out_channels:
         return "not a depthwise conv (groups == in == out channels)"
     kh, kw = conv.kernel_size

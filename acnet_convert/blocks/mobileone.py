@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..kernels import embed_centre, identity_kernel, scaled
 from .base import KindOption
-from .branches import ConvBranch, IdentityBranch, has_identity, new_bn, pointwise_branch
+from .branches import ConvBranch, IdentityBranch, conv2d_problem, has_identity, new_bn, pointwise_branch
 from .forms import ComposedKernel, SummedBranches, conv_args
 
 OPTIONS = MappingProxyType({"k": KindOption(4, 1, "the number of parallel KxK conv branches")})
@@ -23,8 +23,8 @@ OPTIONS = MappingProxyType({"k": KindOption(4, 1, "the number of parallel KxK co
 
 def mobileone_problem(conv: nn.Module) -> str:
     """Why a MobileOne block cannot wrap ``conv``, or '' when it can (1x1 convs included)."""
-    if type(conv) is not nn.Conv2d:
-        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if problem := conv2d_problem(conv):
+        return problem
     if any(k % 2 == 0 for k in conv.kernel_size):
         return "even kernel side: the kernel has no centre tap"
     return ""

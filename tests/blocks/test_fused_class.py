@@ -12,10 +12,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TaggedConv(nn.Conv2d):
-    """A conv subclass with its own attribute and a constructor without arguments."""
+    """A conv subclass with its own attribute and a constructor of its own."""
 
-    def __init__(self):
-        super().__init__(4, 6, 3, padding=1, bias=False)
+    def __init__(self, size: int, groups: int):
+        super().__init__(6, 6, size, padding=size // 2, groups=groups, bias=False)
         self.tag = "tagged"
 
 
@@ -23,18 +23,21 @@ class PlainSubclass(nn.Conv2d):
     pass
 
 
-def model() -> nn.Sequential:
+def model(kind: str) -> nn.Sequential:
+    """Two convs of subclasses that ``kind`` takes: depthwise 5x5 for the dilated kind, 3x3 for the others."""
     torch.manual_seed(0)
+    size, groups = (5, 6) if kind == "dilated" else (3, 1)
     return nn.Sequential(
-        TaggedConv(), nn.BatchNorm2d(6), nn.ReLU(), PlainSubclass(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()
-    ).double()
+        TaggedConv(size, groups), nn.BatchNorm2d(6), nn.ReLU(),
+        PlainSubclass(6, 6, size, padding=size // 2, groups=groups), nn.BatchNorm2d(6), nn.ReLU(),
+    ).double()  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", BUILTIN_VARIANTS)
 def test_deploy_keeps_the_conv_subclass_and_its_attributes(variant, tmp_path):
     kind, mode = variant.split("-")
-    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
-    acified = acify(model(), block=kind, mode=mode, init="scratch")
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    acified = acify(model(kind), block=kind, mode=mode, init="scratch")
     assert [s.kind for s in acified.acnet_plan.converted] == [kind, kind]  # no fallback to another kind
     randomize_bn(acified, x)
     acified.eval()
@@ -44,11 +47,11 @@ def test_deploy_keeps_the_conv_subclass_and_its_attributes(variant, tmp_path):
     with torch.no_grad():
         want = acified(x)
         assert (want - deployed(x)).abs().max() <= 1e-10 * want.abs().max()  # relative, float64
-        original = model().eval()
+        original = model(kind).eval()
         original.load_state_dict(original_state_dict(acified), strict=True)
         assert (want - original(x)).abs().max() <= 1e-10 * want.abs().max()  # relative, float64
         save_weights(acified, tmp_path / "w.safetensors")
-        resumed = load(model(), tmp_path / "w.safetensors").eval()
+        resumed = load(model(kind), tmp_path / "w.safetensors").eval()
         redeployed = deploy(resumed)
         assert [type(redeployed[i]) for i in (0, 3)] == [TaggedConv, PlainSubclass]
         assert (want - resumed(x)).abs().max() <= 1e-12 * want.abs().max()  # relative, float64

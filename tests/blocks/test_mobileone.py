@@ -155,8 +155,9 @@ def test_gradients_reach_every_branch(cls, kernel):
 
 @pytest.mark.parametrize(
     "conv, reason",
-    [(nn.Conv2d(4, 4, (3, 2)), "even"), (nn.Conv3d(4, 4, 3), "Conv3d"), (type("MyConv", (nn.Conv2d,), {})(4, 4, 1),
-                                                                          "MyConv")],
+    [(nn.Conv2d(4, 4, (3, 2)), "even"), (nn.Conv3d(4, 4, 3), "Conv3d"),
+     (type("MyConv", (nn.Conv2d,), {"forward": lambda self, x: 2 * nn.Conv2d.forward(self, x)})(4, 4, 1),
+      "MyConv overrides forward")],
 )  # fmt: skip
 def test_conv_problem_names_the_reason(conv, reason):
     for cls in (MobileOneBlock, FastMobileOneBlock):
