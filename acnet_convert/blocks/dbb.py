@@ -215,8 +215,10 @@ def constant_image(inside: Tensor, border: Tensor, x: Tensor, padding: tuple[int
 
 @torch.fx.wrap
 def compose_pointwise_kxk(pointwise: Tensor, kxk: Tensor, groups: int) -> Tensor:
-    """``compose_1x1_kxk_weight``, one node in a ``torch.fx`` graph (its steps depend on the kernels' shapes)."""
-    return compose_1x1_kxk_weight(pointwise, kxk, groups)
+    """``compose_1x1_kxk_weight``, one node in a ``torch.fx`` graph (its steps depend on the kernels' shapes), laid
+    out contiguously: a channels-last kernel would make the conv's output, and every operation after it, channels
+    last."""
+    return compose_1x1_kxk_weight(pointwise, kxk, groups).contiguous()
 
 
 def foldable(bn: nn.Module) -> bool:
