@@ -114,7 +114,8 @@ class ComposedBranch(nn.Module):
             x = pad_like_conv(x, self.padding, self.padding_mode)
         if isinstance(self.second, nn.Conv2d):
             kernel = compose_pointwise_kxk(weight, self.second.weight, self.groups)
-            return F.conv2d(x, kernel, None, self.second.stride, self.padding if zeros else 0, 1, self.groups) + constant
+            padding = self.padding if zeros else 0
+            return F.conv2d(x, kernel, None, self.second.stride, padding, 1, self.groups) + constant
         pooled = self.zero_padded_second(x) if zeros else self.second(x)
         return F.conv2d(pooled, weight, None, 1, 0, 1, self.groups) + constant
 
@@ -126,8 +127,9 @@ class ComposedBranch(nn.Module):
         """
         bn, weight = self.first_bn, self.first.weight
         if bn.training:
-            mean, cov = channel_moments(x, self.groups) if moments is None else moments
-            mean, var = pointwise_moments(weight, mean, cov, self.groups)
+            mean, cov = input_moments(x, self.groups) if moments is None else moments
+            with torch.autocast(x.device.type, enabled=False):
+                mean, var = pointwise_moments(weight.to(mean.dtype), mean, cov, self.groups)
             track_batch_statistics(bn, mean, var, x.numel() // x.shape[1])
         else:
             mean, var = bn.running_mean, bn.running_var
@@ -135,7 +137,9 @@ class ComposedBranch(nn.Module):
         if bn.weight is not None:
             scale = scale * bn.weight
         shift = -mean * scale
-        return scaled(weight, scale), shift if bn.bias is None else shift + bn.bias
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        return scaled(weight, scale.to(weight.dtype)), shift.to(weight.dtype)
 
     def zero_padded_second(self, x: Tensor) -> Tensor:
         """The KxK conv or average pool of ``x`` zero-padded as the full conv pads, padding inside the operation."""
@@ -197,7 +201,7 @@ class DBBlock(SummedBranches):
     def branch_outputs(self, x: Tensor) -> Iterator[Tensor]:
         """Every branch's output; the composed branches that fold share one computation of the input's moments."""
         folding = [b for b in self.branches.values() if isinstance(b, ComposedBranch) and b.folds(x)]
-        moments = channel_moments(x, self.groups) if any(b.first_bn.training for b in folding) else None
+        moments = input_moments(x, self.groups) if any(b.first_bn.training for b in folding) else None
         for branch in self.branches.values():
             yield branch(x, moments) if isinstance(branch, ComposedBranch) else branch(x)
 
@@ -215,8 +219,16 @@ def constant_image(inside: Tensor, border: Tensor, x: Tensor, padding: tuple[int
 
 @torch.fx.wrap
 def compose_pointwise_kxk(pointwise: Tensor, kxk: Tensor, groups: int) -> Tensor:
-    """``compose_1x1_kxk_weight``, one node in a ``torch.fx`` graph (its steps depend on the kernels' shapes)."""
-    return compose_1x1_kxk_weight(pointwise, kxk, groups)
+    """``compose_1x1_kxk_weight``, one node in a ``torch.fx`` graph (its steps depend on the kernels' shapes), laid
+    out contiguously: a channels-last kernel would make the conv's output, and every operation after it, channels
+    last."""
+    return compose_1x1_kxk_weight(pointwise, kxk, groups).contiguous()
+
+
+def input_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """``channel_moments`` of ``x``, at least in float32 (autocast off), as a BatchNorm computes its statistics."""
+    with torch.autocast(x.device.type, enabled=False):
+        return channel_moments(x.to(torch.promote_types(x.dtype, torch.float32)), groups)
 
 
 def foldable(bn: nn.Module) -> bool:

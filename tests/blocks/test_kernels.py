@@ -1,14 +1,17 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from acnet_convert.kernels import (
     avg_pool_kernel,
     bn_zero_output,
     centre_slices,
+    channel_moments,
     compose_1x1_kxk,
     fold_bn,
     identity_kernel,
+    pointwise_moments,
     sum_branches,
 )
 
@@ -124,3 +127,13 @@ def test_bn_zero_output_is_what_an_eval_bn_gives_a_zero_input():
         want = bn.eval()(torch.zeros(1, 3, 1, 1, dtype=torch.float64)).flatten()
         got = bn_zero_output(bn, torch.float64)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-15)  # absolute, float64, values of order 1
+
+
+@pytest.mark.parametrize("groups, cin, cout", [(1, 4, 6), (2, 4, 6), (4, 4, 8)])
+def test_pointwise_moments_from_channel_moments_equal_those_of_the_1x1_output(groups, cin, cout):
+    x = torch.randn(3, cin, 5, 6, dtype=torch.float64) * 2 + torch.arange(cin, dtype=torch.float64).reshape(1, -1, 1, 1)
+    weight = torch.randn(cout, cin // groups, 1, 1, dtype=torch.float64)
+    var, mean = torch.var_mean(F.conv2d(x, weight, groups=groups), (0, 2, 3), correction=0)
+    got_mean, got_var = pointwise_moments(weight, *channel_moments(x, groups), groups)
+    assert (got_mean - mean).abs().max() <= 1e-12 * mean.abs().max()  # relative, float64
+    assert (got_var - var).abs().max() <= 1e-12 * var.abs().max()  # relative, float64
