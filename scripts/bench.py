@@ -79,7 +79,7 @@ FULL = Sizes(
 FULL_CUDA = replace(FULL, repeats=25, warmup=3, infer_repeats=100)  # a GPU step is short: more rounds
 SMOKE = Sizes(
     train=[("resnet18", 2, 32), ("mobilenet_v2", 2, 32)],
-    repeats=2, warmup=1, infer_models=["resnet18"], infer_batch=1, infer_size=32, infer_repeats=2,
+    repeats=2, warmup=0, infer_models=["resnet18"], infer_batch=1, infer_size=32, infer_repeats=2,
     convert_repeats=1, chain=[3, 6], zoo=["resnet18", "squeezenet1_1"],
 )  # fmt: skip
 
