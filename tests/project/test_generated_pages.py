@@ -32,13 +32,16 @@ def rendered(page):
     """The page as its script writes it from the saved record(s)."""
     if page == "benchmarks.md":
         return script("bench_render").markdown([record("benchmarks.json"), record("benchmarks-h100.json")])
-    if page == "accuracy.md":
-        return script("accuracy_study").report(record("accuracy.json"))
+    if page.startswith("accuracy"):
+        return script("accuracy_study").report(record(page.removesuffix(".md") + ".json"))
     saved = record("timm-sweep.json")
     return script("timm_sweep").render(saved["records"], saved["meta"])
 
 
-@pytest.mark.parametrize("page", ["benchmarks.md", "accuracy.md", "timm-sweep.md"])
+GENERATED = ["benchmarks.md", "accuracy.md", "accuracy-mobileone-repopt.md", "accuracy-large-kernel.md", "timm-sweep.md"]
+
+
+@pytest.mark.parametrize("page", GENERATED)
 def test_generated_page_matches_its_record(page):
     assert (DOCS / page).read_text() == rendered(page), f"docs/{page} is stale: rerun its script's render step"
 
@@ -47,7 +50,7 @@ FIGURE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?([x%])(?!\w)
 
 
 def test_every_figure_the_readme_quotes_is_on_a_generated_page():
-    generated = " ".join((DOCS / page).read_text() for page in ("benchmarks.md", "accuracy.md", "timm-sweep.md"))
+    generated = " ".join((DOCS / page).read_text() for page in GENERATED)
     quoted = [(match[0], number + match[3]) for match in FIGURE.finditer((ROOT / "README.md").read_text())
               for number in filter(None, match.groups()[:2])]  # fmt: skip
     assert [figure for figure, number in quoted if number not in generated] == []
