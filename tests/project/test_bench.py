@@ -169,11 +169,17 @@ def test_targets_are_met_or_missed_by_the_recorded_figures():
     assert verdicts == {
         "dbb, fast, resnet18, batch 32, 224x224: step time": "met",
         "dbb, fast, resnet18, batch 32, 224x224: peak memory": "**missed**",
+        "dbb, exact, resnet18, batch 32, 224x224: step time": "met",
+        "dbb, exact, mobilenet_v2, batch 32, 224x224": "-",  # no such case in the record
         "dbb, exact, resnet18, batch 32, 224x224: step ratio over FLOP ratio (2.50x / 2.34)": "met",
     }
-    ratios = {"original": (1.0, 1.0, 1.0), "dbb-fast": (1.16, 1.20, 1.2), "dbb-exact": (2.60, 2.0, 2.30)}
+    ratios = {"original": (1.0, 1.0, 1.0), "dbb-fast": (1.16, 1.20, 1.2), "dbb-exact": (3.10, 2.0, 2.30),
+              "acb-repopt": (1.02, 1.04, 1.0)}  # fmt: skip
     verdicts = target_verdicts(render.markdown([record(case_rows(ratios))]))
-    assert list(verdicts.values()) == ["**missed**", "met", "**missed**"]
+    assert list(verdicts.values()) == ["**missed**", "met", "**missed**", "-", "**missed**"]
+    page = render.markdown([record(case_rows(ratios))])
+    assert "| acb, repopt, resnet18, batch 32, 224x224: step time | 1.02x | at most 1.03x | met |" in page
+    assert "| acb, repopt, resnet18, batch 32, 224x224: peak memory | 1.04x | at most 1.03x | **missed** |" in page
     gpu_only = render.markdown([record(case_rows(ratios), device="cuda")])
     assert "## Targets" not in gpu_only  # the targets are the CPU's
 
