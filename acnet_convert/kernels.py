@@ -137,15 +137,42 @@ def bn_zero_output(bn: nn.Module, dtype: torch.dtype) -> Tensor:
 def channel_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """The mean of each channel of ``x`` (batch, channels, *spatial) and the covariance of the channels within each
     of ``groups`` groups, ``(groups, width, width)``, over the batch and every position (biased, as BatchNorm's)."""
-    width = x.shape[1] // groups
-    dims = [0, *range(2, x.dim())]
-    if width == 1:
-        var, mean = torch.var_mean(x, dims, correction=0)
+    if x.shape[1] == groups:
+        var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
         return mean, var.reshape(groups, 1, 1)
-    mean = x.mean(dims)
-    centred = (x - mean.reshape(1, -1, *[1] * (x.dim() - 2))).reshape(x.shape[0], groups, width, -1)
-    cov = torch.einsum("ngip,ngjp->gij", centred, centred) / (centred.shape[0] * centred.shape[3])
-    return mean, cov
+    return _ChannelMoments.apply(x, groups)
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """``channel_moments`` for groups of more than one channel, as one batched product per sample (no copy of
+    ``x`` laid out channel-first) and a backward of one product: the centred input sums to zero over the
+    positions, so the covariance's gradient has no share through the mean."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+        batch, width = x.shape[0], x.shape[1] // groups
+        mean = x.mean([0, *range(2, x.dim())])
+        centred = (x - mean.reshape(1, -1, *[1] * (x.dim() - 2))).reshape(batch * groups, width, -1)
+        count = batch * centred.shape[2]
+        cov = torch.bmm(centred, centred.transpose(1, 2)).reshape(batch, groups, width, width).sum(0) / count
+        ctx.save_for_backward(centred)
+        ctx.shape, ctx.groups, ctx.count = x.shape, groups, count
+        return mean, cov
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: Tensor | None, grad_cov: Tensor | None) -> tuple[Tensor | None, None]:
+        (centred,) = ctx.saved_tensors
+        batch, channels = ctx.shape[:2]
+        grad = None
+        if grad_cov is not None:
+            symmetric = (grad_cov + grad_cov.transpose(1, 2)) / ctx.count
+            centred = centred.reshape(batch, ctx.groups, channels // ctx.groups, -1)
+            grad = torch.matmul(symmetric.unsqueeze(0), centred).reshape(ctx.shape)
+        if grad_mean is not None:
+            spread = (grad_mean / ctx.count).reshape(1, -1, *[1] * (len(ctx.shape) - 2))
+            grad = spread.expand(ctx.shape) if grad is None else grad + spread
+        return grad, None
 
 
 def pointwise_moments(weight: Tensor, mean: Tensor, cov: Tensor, groups: int) -> tuple[Tensor, Tensor]:

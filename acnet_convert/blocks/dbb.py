@@ -79,6 +79,8 @@ class ComposedBranch(nn.Module):
     def forward(self, x: Tensor, moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The branch's output; ``moments`` are the input's ``channel_moments`` when the caller has them."""
         if self.first is None:
+            if self.padding_mode == "zeros":
+                return self.bn(self.zero_padded_second(x))
             return self.bn(self.second(pad_like_conv(x, self.padding, self.padding_mode)))
         if self.folds(x):
             return self.bn(self.composed(x, moments))
@@ -147,8 +149,8 @@ class ComposedBranch(nn.Module):
         if isinstance(second, nn.Conv2d):
             return F.conv2d(x, second.weight, None, second.stride, padding, 1, second.groups)
         if all(p <= k // 2 for p, k in zip(padding, second.kernel_size)):  # what avg_pool2d can pad by itself
-            return F.avg_pool2d(x, second.kernel_size, second.stride, padding)
-        return second(pad_like_conv(x, padding, "zeros"))
+            return average_pool(x, second.kernel_size, second.stride, padding)
+        return average_pool(pad_like_conv(x, padding, "zeros"), second.kernel_size, second.stride, (0, 0))
 
     def second_weight(self, dtype: torch.dtype) -> Tensor:
         """The KxK kernel of the conv or average pool after the 1x1."""
@@ -204,6 +206,22 @@ class DBBlock(SummedBranches):
         moments = input_moments(x, self.groups) if any(b.first_bn.training for b in folding) else None
         for branch in self.branches.values():
             yield branch(x, moments) if isinstance(branch, ComposedBranch) else branch(x)
+
+
+@torch.fx.wrap
+def average_pool(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    """``F.avg_pool2d`` (zero padding counted); on the CPU at stride 1 as a depthwise conv with a constant kernel,
+    the same sums, computed (forward and backward) several times faster there.  Autocast is off for the conv, so
+    it runs in ``x``'s dtype, as the pool does.  One node in a ``torch.fx`` graph."""
+    if x.device.type != "cpu" or any(s != 1 for s in _pair(stride)):
+        return F.avg_pool2d(x, kernel_size, stride, padding)
+    kernel = avg_pool_kernel(x.shape[1], _pair(kernel_size), x.shape[1], dtype=x.dtype, device=x.device)
+    with torch.autocast("cpu", enabled=False):
+        return F.conv2d(x, kernel, None, 1, padding, 1, x.shape[1])
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def border_image(value: Tensor, x: Tensor, padding: tuple[int, int]) -> Tensor:

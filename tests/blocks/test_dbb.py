@@ -21,7 +21,7 @@ from reparam_cases import (
 from torch import nn
 
 from acnet_convert import ACNetError, acify, deploy
-from acnet_convert.blocks.dbb import DBBlock, FastDBBlock
+from acnet_convert.blocks.dbb import DBBlock, FastDBBlock, average_pool
 from acnet_convert.blocks.registry import block_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,3 +218,21 @@ def test_symbolic_tracing_records_the_same_function(cls, groups, padding, paddin
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(block(x), torch.fx.symbolic_trace(block)(x)) <= 1e-12  # relative, float64
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (1, 1), (2, 1), (1, (1, 2))])
+def test_average_pool_equals_avg_pool2d_forward_and_backward(stride, padding):
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for pool in (average_pool, F.avg_pool2d):
+        out = pool(x, (3, 5), (stride, stride), padding if isinstance(padding, tuple) else (padding, padding))
+        (grad,) = torch.autograd.grad((out * torch.arange(out.numel()).reshape(out.shape)).sum(), x)
+        grads.append((out.detach(), grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_average_pool_keeps_the_input_dtype_under_cpu_autocast():
+    x = torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert average_pool(x, (3, 3), (1, 1), (1, 1)).dtype == F.avg_pool2d(x, 3, 1, 1).dtype == torch.float32

@@ -137,3 +137,23 @@ def test_pointwise_moments_from_channel_moments_equal_those_of_the_1x1_output(gr
     got_mean, got_var = pointwise_moments(weight, *channel_moments(x, groups), groups)
     assert (got_mean - mean).abs().max() <= 1e-12 * mean.abs().max()  # relative, float64
     assert (got_var - var).abs().max() <= 1e-12 * var.abs().max()  # relative, float64
+
+
+def _moments_by_definition(x, groups):
+    mean = x.mean((0, 2, 3))
+    centred = (x - mean.reshape(1, -1, 1, 1)).reshape(x.shape[0], groups, x.shape[1] // groups, -1)
+    return mean, torch.einsum("ngip,ngjp->gij", centred, centred) / (centred.shape[0] * centred.shape[3])
+
+
+@pytest.mark.parametrize("groups, channels", [(1, 4), (2, 6), (3, 3)])
+def test_channel_moments_and_their_gradient_equal_those_of_the_definition(groups, channels):
+    x = torch.randn(3, channels, 4, 5, dtype=torch.float64, requires_grad=True)
+    grad_mean = torch.randn(channels, dtype=torch.float64)
+    grad_cov = torch.randn(groups, channels // groups, channels // groups, dtype=torch.float64)
+    results = []
+    for moments in (channel_moments, _moments_by_definition):
+        mean, cov = moments(x, groups)
+        (grad,) = torch.autograd.grad((mean * grad_mean).sum() + (cov * grad_cov).sum(), x)
+        results.append((mean.detach(), cov.detach(), grad))
+    for got, want in zip(*results):
+        assert (got - want).abs().max() <= 1e-12 * want.abs().max()  # relative, float64
