@@ -67,6 +67,7 @@ class Sizes:
     chain: list[int]
     zoo: list[str] | None  # None: every torchvision classification model
     kind_modes: tuple[str, ...] = KIND_MODES
+    groups: tuple[tuple[str, ...], ...] = ()  # training variants timed in rounds of their own, with the original
     compile: str | None = None  # torch.compile mode for every model of the training section
 
 
@@ -90,31 +91,39 @@ def converted(base: nn.Module, kind_mode: str) -> nn.Module:
     return acify(base, block=kind, mode=mode, init="scratch")
 
 
-def training_variants(base: nn.Module, kind_modes: tuple[str, ...]) -> dict[str, nn.Module]:
+def training_variants(base: nn.Module, kind_modes: tuple[str, ...], naive: bool = True) -> dict[str, nn.Module]:
     """The model as given, each kind and mode, and the naive ACNet reference, all in train mode."""
     variants = {"original": copy.deepcopy(base), **{km: converted(base, km) for km in kind_modes}}
-    variants["naive"] = naive_acify(base)
+    if naive:
+        variants["naive"] = naive_acify(base)
     return {name: model.train() for name, model in variants.items()}
 
 
 def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
-    """Training-step time, peak memory and forward FLOPs of the original model and every converted form."""
+    """Training-step time, peak memory and forward FLOPs of the original model and every converted form.
+
+    Each group of ``sizes.groups`` (by default one: every kind and mode, and the naive reference) is timed in
+    rounds of its own with the original, and its ratios are against the original of those rounds."""
     rows = []
+    groups = sizes.groups or (sizes.kind_modes,)
     for name, batch, side in sizes.train:
         base = build(name, device)
         x = torch.randn(batch, 3, side, side, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
-        models = training_variants(base, sizes.kind_modes)
-        steps = {v: TrainStep(torch.compile(m, mode=sizes.compile) if sizes.compile else m, x, y)
-                 for v, m in models.items()}  # fmt: skip
-        timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
-        for variant, model in models.items():
-            rows.append({"model": name, "batch": batch, "side": side, "variant": variant, **asdict(timings[variant]),
-                         "peak_bytes": peak_training_memory(steps[variant]), "forward_flops": forward_flops(model, x),
-                         "params": n_params(model), "compiled": sizes.compile})  # fmt: skip
-        add_ratios(rows[-len(models) :], ("wall_ms", "cpu_ms", "peak_bytes", "forward_flops"))
-        del base, models, steps
-        gc.collect()
+        for number, group in enumerate(groups):
+            models = training_variants(base, group, naive=number == 0)
+            steps = {v: TrainStep(torch.compile(m, mode=sizes.compile) if sizes.compile else m, x, y)
+                     for v, m in models.items()}  # fmt: skip
+            timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
+            for variant, model in models.items():
+                rows.append({"model": name, "batch": batch, "side": side, "variant": variant,
+                             **asdict(timings[variant]), "peak_bytes": peak_training_memory(steps[variant]),
+                             "forward_flops": forward_flops(model, x), "params": n_params(model),
+                             "compiled": sizes.compile, "group": number})  # fmt: skip
+            add_ratios(rows[-len(models) :], ("wall_ms", "cpu_ms", "peak_bytes", "forward_flops"))
+            del models, steps
+            gc.collect()
+        del base
     return rows
 
 
@@ -242,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--variants", default=",".join(KIND_MODES), help="comma-separated KIND-MODE list")
+    parser.add_argument("--variants", default=",".join(KIND_MODES),
+                        help="comma-separated KIND-MODE list; '/' splits it into groups, each timed in training "
+                        "rounds of its own with the original")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--train", help="training cases as MODEL:BATCH:SIDE,... (default: the run's own)")
@@ -257,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         return _write(markdown([json.loads(path.read_text()) for path in args.render]), args.out)
     sections = tuple(s for s in args.sections.split(",") if s)
-    kind_modes = tuple(v for v in args.variants.split(",") if v)
+    groups = tuple(tuple(v for v in group.split(",") if v) for group in args.variants.split("/"))
+    groups = tuple(group for group in groups if group)
+    kind_modes = tuple(v for group in groups for v in group)
     unknown = [s for s in sections if s not in SECTIONS] + [v for v in kind_modes if v not in KIND_MODES]
     if unknown:
         parser.error(f"unknown section(s) or variant(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)} "
@@ -268,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if args.smoke else FULL_CUDA if device.type == "cuda" else FULL
     if args.train:
         sizes = replace(sizes, train=[_training_case(case) for case in args.train.split(",")])
-    sizes = replace(sizes, compile=args.compile, kind_modes=kind_modes)
+    sizes = replace(sizes, compile=args.compile, kind_modes=kind_modes, groups=groups if len(groups) > 1 else ())
     result = run(sections, sizes, device)
     result["smoke"], result["command"] = args.smoke, shlex.join(["python", "scripts/bench.py", *argv])
     if args.json:

@@ -102,8 +102,8 @@ def _cases(rows: list[dict]) -> dict[tuple[str, int, int], dict[str, dict]]:
     """Training rows grouped by (model, batch, side), then by variant."""
     cases: dict[tuple[str, int, int], dict[str, dict]] = {}
     for r in rows:
-        cases.setdefault((r["model"], r["batch"], r["side"]), {})[r["variant"]] = r
-    return cases
+        cases.setdefault((r["model"], r["batch"], r["side"]), {}).setdefault(r["variant"], r)  # a group's original
+    return cases  # after the first is the same model
 
 
 def _summary_md(results: list[dict]) -> list[str]:
@@ -244,18 +244,34 @@ def _train_md(rows: list[dict], m: dict) -> list[str]:
         "",
         _memory_definition(m),
         "",
+        *_groups_note(rows),
         "| model | batch, input | variant | step (ms) | ratio | CPU time ratio | peak memory (MiB) | memory ratio "
         "| FLOP ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        group = f" (group {r['group'] + 1})" if r["variant"] == "original" and r.get("group") else ""
         lines.append(
-            f"| {r['model']} | {r['batch']}, {r['side']}x{r['side']} | {_variant_name(r['variant'])}"
+            f"| {r['model']} | {r['batch']}, {r['side']}x{r['side']} | {_variant_name(r['variant'])}{group}"
             f"{_compiled(r.get('compiled'))} | "
             f"{r['wall_ms']:.1f} | {r['wall_ms_ratio']:.2f}x | {r['cpu_ms_ratio']:.2f}x | "
             f"{r['peak_bytes'] / MiB:.1f} | {r['peak_bytes_ratio']:.2f}x | {r['forward_flops_ratio']:.2f} |"
         )
     return lines
+
+
+def _groups_note(rows: list[dict]) -> list[str]:
+    """How the variants were grouped for timing, when they were: each group's rounds had the original too."""
+    groups: dict[int, list[str]] = {}
+    for r in rows:
+        if r["variant"] not in groups.setdefault(r.get("group", 0), []) and r["variant"] != "original":
+            groups[r.get("group", 0)].append(r["variant"])
+    if len(groups) < 2:
+        return []
+    listed = "; ".join(f"group {n + 1}: {', '.join(variants)}" for n, variants in sorted(groups.items()))
+    return [f"The variants were timed in groups, each in rounds of its own with the original (a row of its own, "
+            f"marked with the group after the first), and each ratio is against the original of its group's "
+            f"rounds: {listed}.", ""]  # fmt: skip
 
 
 def _compiled(mode: str | bool | None) -> str:

@@ -208,3 +208,25 @@ def test_naive_reference_builds_its_branches_like_the_conv_it_replaces():
     model = naive.naive_acify(torchvision.models.resnet18(num_classes=4).double())
     assert {p.dtype for p in model.parameters()} == {torch.float64}  # device and dtype follow the conv
     assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 4)
+
+
+def test_variant_groups_are_timed_apart_each_with_its_own_original(monkeypatch, tmp_path):
+    timed = []
+
+    def interleaved(steps, repeats, warmup, device):
+        timed.append(list(steps))
+        return {name: sys.modules["bench_harness"].Timing(100.0 * (1 + len(timed)), 1.0, []) for name in steps}  # a slower original later
+
+    monkeypatch.setattr(bench, "interleaved", interleaved)
+    monkeypatch.setattr(bench, "peak_training_memory", lambda step: 2**20)
+    argv = ["--sections", "train", "--train", "resnet18:2:32", "--variants", "acb-fast/acb-repopt,dbb-repopt",
+            "--json", str(tmp_path / "r.json"), "--out", str(tmp_path / "r.md")]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert timed == [["original", "acb-fast", "naive"], ["original", "acb-repopt", "dbb-repopt"]]
+    rows = json.loads((tmp_path / "r.json").read_text())["train"]
+    assert [(r["variant"], r["group"]) for r in rows] == [("original", 0), ("acb-fast", 0), ("naive", 0),
+                                                          ("original", 1), ("acb-repopt", 1), ("dbb-repopt", 1)]
+    assert all(r["wall_ms_ratio"] == 1.0 for r in rows)  # each against its own group's original
+    page = (tmp_path / "r.md").read_text()
+    assert "group 1: acb-fast, naive; group 2: acb-repopt, dbb-repopt" in page
+    assert "| resnet18 | 2, 32x32 | original (group 2) |" in page
