@@ -103,16 +103,19 @@ def has_masks(model: nn.Module) -> bool:
 
 class WeightHook:
     """A conv's forward pre-hook: hooks the preconditioner onto each weight tensor the conv gets (after a copy,
-    a pickle round trip or ``load_state_dict(assign=True)``), once."""
+    a pickle round trip or ``load_state_dict(assign=True)``), once.  A weight that several convs share (tied
+    weights) is one kernel, trained as one CSLA block: it is hooked once, by the first of them to run."""
 
     def __init__(self):
-        self.hooked = None  # a weak reference to the weight tensor last hooked
+        self.hooked = None  # a weak reference to the weight tensor last seen
 
     def __call__(self, conv: nn.Module, args: tuple) -> None:
         weight = conv.weight
-        if weight.requires_grad and (self.hooked is None or self.hooked() is not weight):
+        if not weight.requires_grad or (self.hooked is not None and self.hooked() is weight):
+            return
+        self.hooked = weakref.ref(weight)
+        if _conv_of(weight) is None:
             weight.register_hook(_Precondition(conv))
-            self.hooked = weakref.ref(weight)
             key = id(weight)
             _HOOKED[key] = (weakref.ref(weight, lambda _: _HOOKED.pop(key, None)), weakref.ref(conv))
 

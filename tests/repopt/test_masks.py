@@ -220,3 +220,28 @@ def test_amp_scaling_passes_through_the_preconditioner(data):
         got, want = getattr(model, name).weight, getattr(by_hand, name).weight
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), name
         assert (got - start[name]).abs().max() > 1e-4, name  # the step was taken (the scaler found no inf)
+
+
+class TiedConvs(torch.nn.Module):
+    """Two convs that share one weight tensor (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("copier", [lambda m: m, copy.deepcopy], ids=["as-built", "deepcopy"])
+def test_a_weight_two_convs_share_is_preconditioned_once(copier):
+    model = TiedConvs().double()
+    acified = copier(acify(model, block="acb", mode="repopt"))
+    assert acified.a.weight is acified.b.weight and len(acified.acnet_plan.converted) == 2
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for m in (model, acified):
+        m(x).square().sum().backward()
+    want = model.a.weight.grad * acified.a.repopt_mask
+    assert ((acified.a.weight.grad - want).abs().max() / want.abs().max()).item() <= 1e-12
