@@ -39,6 +39,8 @@ def why_not_eligible(name: str, conv: nn.Module, flows: tuple[Flow, ...], option
         return Reason("not-included", "not matched by include")
     if options.exclude is not None and any(matches(name, p) for p in options.exclude):
         return Reason("excluded", "matched by exclude")
+    if repopt.is_masked(conv):
+        return Reason("hooks", "already has a repopt gradient preconditioner (a hook; deploy removes it)")
     if has_hooks(conv):
         return Reason("hooks", "has hooks registered on it")
     return next((flow.unsafe[name] for flow in flows if name in flow.unsafe), None)
