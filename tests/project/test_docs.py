@@ -121,3 +121,14 @@ def test_the_default_gamma_the_docs_give_is_the_library_default():
     assert given, "no page states the default gamma_init any more: update this test's pattern"
     default = Fraction(DEFAULT_GAMMA).limit_denominator(1000)
     assert [(name, value) for name, value in given if Fraction(value) != default] == []
+
+
+def test_the_mode_table_lists_the_kinds_each_mode_has():
+    from acnet_convert.constants import BUILTIN_KINDS, BUILTIN_VARIANTS, REPOPT_KINDS
+
+    row = next(line for line in (ROOT / "docs" / "training.md").read_text().splitlines() if line.startswith("| kinds |"))
+    exact, fast, repopt = (cell.strip() for cell in row.strip("|").split("|")[1:])
+    assert exact == "all" and all(f"{kind}-exact" in BUILTIN_VARIANTS for kind in BUILTIN_KINDS)
+    without_fast = [kind for kind in BUILTIN_KINDS if f"{kind}-fast" not in BUILTIN_VARIANTS]
+    assert fast == "all but " + ", ".join(f"`{kind}`" for kind in without_fast)
+    assert sorted(re.findall(r"`(\w+)`", repopt)) == sorted(REPOPT_KINDS)
