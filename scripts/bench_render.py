@@ -101,9 +101,9 @@ def _eager_rows(result: dict) -> list[dict]:
 def _cases(rows: list[dict]) -> dict[tuple[str, int, int], dict[str, dict]]:
     """Training rows grouped by (model, batch, side), then by variant."""
     cases: dict[tuple[str, int, int], dict[str, dict]] = {}
-    for r in rows:
-        cases.setdefault((r["model"], r["batch"], r["side"]), {}).setdefault(r["variant"], r)  # a group's original
-    return cases  # after the first is the same model
+    for r in rows:  # the first row of a variant is kept: the originals of later timing groups repeat it
+        cases.setdefault((r["model"], r["batch"], r["side"]), {}).setdefault(r["variant"], r)
+    return cases
 
 
 def _summary_md(results: list[dict]) -> list[str]:
