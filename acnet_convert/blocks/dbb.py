@@ -213,15 +213,11 @@ def average_pool(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int
     """``F.avg_pool2d`` (zero padding counted); on the CPU at stride 1 as a depthwise conv with a constant kernel,
     the same sums, computed (forward and backward) several times faster there.  Autocast is off for the conv, so
     it runs in ``x``'s dtype, as the pool does.  One node in a ``torch.fx`` graph."""
-    if x.device.type != "cpu" or any(s != 1 for s in _pair(stride)):
+    if x.device.type != "cpu" or any(s != 1 for s in stride):
         return F.avg_pool2d(x, kernel_size, stride, padding)
-    kernel = avg_pool_kernel(x.shape[1], _pair(kernel_size), x.shape[1], dtype=x.dtype, device=x.device)
+    kernel = avg_pool_kernel(x.shape[1], kernel_size, x.shape[1], dtype=x.dtype, device=x.device)
     with torch.autocast("cpu", enabled=False):
         return F.conv2d(x, kernel, None, 1, padding, 1, x.shape[1])
-
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def border_image(value: Tensor, x: Tensor, padding: tuple[int, int]) -> Tensor:
