@@ -57,7 +57,7 @@ class Sizes:
     """What to measure and how much: the full-size run, the smoke run, or either with overrides."""
 
     train: list[tuple[str, int, int]]  # (torchvision model, batch, input side)
-    repeats: int
+    repeats: int  # rounds of every timing group, unless group_repeats gives each group its own
     warmup: int
     infer_models: list[str]
     infer_batch: int
@@ -68,6 +68,7 @@ class Sizes:
     zoo: list[str] | None  # None: every torchvision classification model
     kind_modes: tuple[str, ...] = KIND_MODES
     groups: tuple[tuple[str, ...], ...] = ()  # training variants timed in rounds of their own, with the original
+    group_repeats: tuple[int, ...] = ()  # rounds of each group of ``groups``
     compile: str | None = None  # torch.compile mode for every model of the training section
 
 
@@ -92,8 +93,10 @@ def converted(base: nn.Module, kind_mode: str) -> nn.Module:
 
 
 def training_variants(base: nn.Module, kind_modes: tuple[str, ...], naive: bool = True) -> dict[str, nn.Module]:
-    """The model as given, each kind and mode, and the naive ACNet reference, all in train mode."""
-    variants = {"original": copy.deepcopy(base), **{km: converted(base, km) for km in kind_modes}}
+    """The model as given, a second copy of it (the control: how far two identical models time apart), each kind
+    and mode, and the naive ACNet reference, all in train mode."""
+    variants = {"original": copy.deepcopy(base), "control": copy.deepcopy(base),
+                **{km: converted(base, km) for km in kind_modes}}  # fmt: skip
     if naive:
         variants["naive"] = naive_acify(base)
     return {name: model.train() for name, model in variants.items()}
@@ -114,7 +117,8 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
             models = training_variants(base, group, naive=number == 0)
             steps = {v: TrainStep(torch.compile(m, mode=sizes.compile) if sizes.compile else m, x, y)
                      for v, m in models.items()}  # fmt: skip
-            timings = interleaved(steps, sizes.repeats, sizes.warmup, device)
+            repeats = sizes.group_repeats[number] if sizes.group_repeats else sizes.repeats
+            timings = interleaved(steps, repeats, sizes.warmup, device)
             for variant, model in models.items():
                 rows.append({"model": name, "batch": batch, "side": side, "variant": variant,
                              **asdict(timings[variant]), "peak_bytes": peak_training_memory(steps[variant]),
@@ -246,6 +250,17 @@ def _training_case(text: str) -> tuple[str, int, int]:
         raise SystemExit(f"bench.py: bad --train case {text!r}: write MODEL:BATCH:SIDE, e.g. resnet18:32:64") from None
 
 
+def _repeats(text: str, n_groups: int, parser: argparse.ArgumentParser) -> tuple[int, ...]:
+    """``--repeats 9`` or ``9/31`` (one count per group of --variants): the rounds of each group."""
+    try:
+        counts = tuple(int(n) for n in text.split("/"))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or len(counts) not in (1, n_groups):
+        parser.error(f"bad --repeats {text!r}: give one positive count, or one per group of --variants ({n_groups})")
+    return counts * n_groups if len(counts) == 1 else counts
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: measure, print the tables, write markdown and JSON when asked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -254,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(KIND_MODES),
                         help="comma-separated KIND-MODE list; '/' splits it into groups, each timed in training "
                         "rounds of its own with the original")  # fmt: skip
+    parser.add_argument("--repeats", help="training rounds (default: the run's own); N/M/... gives each group of "
+                        "--variants its own")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--train", help="training cases as MODEL:BATCH:SIDE,... (default: the run's own)")
@@ -282,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         sizes = replace(sizes, train=[_training_case(case) for case in args.train.split(",")])
     sizes = replace(sizes, compile=args.compile, kind_modes=kind_modes, groups=groups if len(groups) > 1 else ())
+    if args.repeats:
+        sizes = replace(sizes, group_repeats=_repeats(args.repeats, len(groups), parser))
     result = run(sections, sizes, device)
     result["smoke"], result["command"] = args.smoke, shlex.join(["python", "scripts/bench.py", *argv])
     if args.json:

@@ -13,6 +13,7 @@ TARGETS = {  # (kind-mode, model, batch, side): (step-time ratio at most, peak-m
     ("dbb-exact", "resnet18", 32, 224): (3.0, None),
     ("dbb-exact", "mobilenet_v2", 32, 224): (2.5, None),
 }
+UNCONVERTED = ("original", "control")  # the model as given, and a second copy of it timed beside it
 REPOPT_LIMIT = 1.03  # every repopt variant's step-time and peak-memory ratio, in every case measured
 FLOP_SLACK = 1.10  # exact DBB's step-time ratio at most this multiple of its forward FLOP ratio
 
@@ -174,8 +175,30 @@ def _targets_md(results: list[dict]) -> list[str]:
         "| target | measured | limit | |",
         "|---|---|---|---|",
         *rows,
+        *_control_note(results),
         *floors,
     ]
+
+
+def _control_note(results: list[dict]) -> list[str]:
+    """How far apart two copies of the original measured, in the rounds the repopt variants were timed in."""
+    measured = []
+    for result in (r for r in results if r["machine"]["device"] == "cpu"):
+        rows = _eager_rows(result)
+        timed_with_repopt = {_round_key(r) for r in rows if r["variant"].endswith("-repopt")}
+        measured += [f"{r['wall_ms_ratio']:.2f}x step time and {r['peak_bytes_ratio']:.2f}x peak memory "
+                     f"({r['model']}, batch {r['batch']}, {r['side']}x{r['side']})"
+                     for r in rows if r["variant"] == "control" and _round_key(r) in timed_with_repopt]  # fmt: skip
+    if not measured:
+        return []
+    return ["", "The control, a second copy of the unconverted model timed in the same rounds as the repopt "
+            f"variants, measured {'; '.join(measured)}: ratios that close to 1 cannot be told apart from two "
+            "identical models on this machine."]  # fmt: skip
+
+
+def _round_key(row: dict) -> tuple:
+    """The rounds a training row was timed in: its case and timing group."""
+    return row["model"], row["batch"], row["side"], row.get("group", 0)
 
 
 def _floor_note(label: str, row: dict, original: dict | None) -> list[str]:
@@ -226,6 +249,8 @@ def _variant_name(variant: str) -> str:
     """How a training variant is named in the tables."""
     if variant == "naive":
         return "naive ACNet reference"
+    if variant == "control":
+        return "control, second copy of the original"
     return variant if variant == "original" else f"`block=\"{variant.split('-')[0]}\"`, {variant.split('-')[1]}"
 
 
@@ -244,13 +269,14 @@ def _train_md(rows: list[dict], m: dict) -> list[str]:
         "",
         _memory_definition(m),
         "",
+        *_control_definition(rows),
         *_groups_note(rows),
         "| model | batch, input | variant | step (ms) | ratio | CPU time ratio | peak memory (MiB) | memory ratio "
         "| FLOP ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        group = f" (group {r['group'] + 1})" if r["variant"] == "original" and r.get("group") else ""
+        group = f" (group {r['group'] + 1})" if r["variant"] in UNCONVERTED and r.get("group") else ""
         lines.append(
             f"| {r['model']} | {r['batch']}, {r['side']}x{r['side']} | {_variant_name(r['variant'])}{group}"
             f"{_compiled(r.get('compiled'))} | "
@@ -260,18 +286,29 @@ def _train_md(rows: list[dict], m: dict) -> list[str]:
     return lines
 
 
+def _control_definition(rows: list[dict]) -> list[str]:
+    """What the control row is, when a record has one."""
+    if not any(r["variant"] == "control" for r in rows):
+        return []
+    return ["The *control* is a second copy of the original model, timed in the same rounds: its ratio is how far "
+            "apart two identical models measure on this machine.", ""]  # fmt: skip
+
+
 def _groups_note(rows: list[dict]) -> list[str]:
     """How the variants were grouped for timing, when they were: each group's rounds had the original too."""
     groups: dict[int, list[str]] = {}
+    rounds: dict[int, int] = {}
     for r in rows:
-        if r["variant"] not in groups.setdefault(r.get("group", 0), []) and r["variant"] != "original":
+        if r["variant"] not in groups.setdefault(r.get("group", 0), []) and r["variant"] not in UNCONVERTED:
             groups[r.get("group", 0)].append(r["variant"])
+        rounds.setdefault(r.get("group", 0), len(r.get("wall_samples", [])))
     if len(groups) < 2:
         return []
-    listed = "; ".join(f"group {n + 1}: {', '.join(variants)}" for n, variants in sorted(groups.items()))
-    return [f"The variants were timed in groups, each in rounds of its own with the original (a row of its own, "
-            f"marked with the group after the first), and each ratio is against the original of its group's "
-            f"rounds: {listed}.", ""]  # fmt: skip
+    listed = "; ".join(f"group {n + 1} ({rounds[n]} rounds): {', '.join(variants)}"
+                       for n, variants in sorted(groups.items()))  # fmt: skip
+    return [f"The variants were timed in groups, each in rounds of its own with the original and the control "
+            f"(rows of their own, marked with the group after the first), and each ratio is against the original "
+            f"of its group's rounds: {listed}.", ""]  # fmt: skip
 
 
 def _compiled(mode: str | bool | None) -> str:

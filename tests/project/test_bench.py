@@ -48,11 +48,13 @@ def test_training_table_has_every_kind_and_mode_with_consistent_ratios(smoke):
     assert cases == set(bench.SMOKE.train) and result["smoke"] is True
     for case in cases:
         rows = {r["variant"]: r for r in result["train"] if (r["model"], r["batch"], r["side"]) == case}
-        assert set(rows) == {"original", "naive", *bench.KIND_MODES}
+        assert set(rows) == {"original", "control", "naive", *bench.KIND_MODES}
         for row in rows.values():
             assert row["wall_ms"] > 0 and len(row["wall_samples"]) == bench.SMOKE.repeats
             for key in ("wall_ms", "peak_bytes", "forward_flops"):
                 assert row[f"{key}_ratio"] == pytest.approx(row[key] / rows["original"][key], rel=1e-12)
+        assert (rows["control"]["params"], rows["control"]["forward_flops"]) == (
+            rows["original"]["params"], rows["original"]["forward_flops"])  # fmt: skip
         # deterministic facts: the naive reference and exact ACB build the same blocks; fast ACB and RepVGG run
         # one conv of the original's size; exact DBB adds more branches than exact ACB
         assert rows["naive"]["params"] == rows["acb-exact"]["params"]
@@ -215,18 +217,38 @@ def test_variant_groups_are_timed_apart_each_with_its_own_original(monkeypatch, 
 
     def interleaved(steps, repeats, warmup, device):
         timed.append(list(steps))
-        return {name: sys.modules["bench_harness"].Timing(100.0 * (1 + len(timed)), 1.0, []) for name in steps}  # a slower original later
+        return {name: sys.modules["bench_harness"].Timing(100.0 * (1 + len(timed)), 1.0, [1.0] * repeats)
+                for name in steps}  # a slower original later  # fmt: skip
 
     monkeypatch.setattr(bench, "interleaved", interleaved)
     monkeypatch.setattr(bench, "peak_training_memory", lambda step: 2**20)
     argv = ["--sections", "train", "--train", "resnet18:2:32", "--variants", "acb-fast/acb-repopt,dbb-repopt",
-            "--json", str(tmp_path / "r.json"), "--out", str(tmp_path / "r.md")]  # fmt: skip
+            "--repeats", "3/5", "--json", str(tmp_path / "r.json"), "--out", str(tmp_path / "r.md")]  # fmt: skip
     assert bench.main(argv) == 0
-    assert timed == [["original", "acb-fast", "naive"], ["original", "acb-repopt", "dbb-repopt"]]
+    assert timed == [["original", "control", "acb-fast", "naive"], ["original", "control", "acb-repopt", "dbb-repopt"]]
     rows = json.loads((tmp_path / "r.json").read_text())["train"]
-    assert [(r["variant"], r["group"]) for r in rows] == [("original", 0), ("acb-fast", 0), ("naive", 0),
-                                                          ("original", 1), ("acb-repopt", 1), ("dbb-repopt", 1)]
+    assert [(r["variant"], r["group"], len(r["wall_samples"])) for r in rows] == [
+        ("original", 0, 3), ("control", 0, 3), ("acb-fast", 0, 3), ("naive", 0, 3),
+        ("original", 1, 5), ("control", 1, 5), ("acb-repopt", 1, 5), ("dbb-repopt", 1, 5)]  # fmt: skip
     assert all(r["wall_ms_ratio"] == 1.0 for r in rows)  # each against its own group's original
     page = (tmp_path / "r.md").read_text()
-    assert "group 1: acb-fast, naive; group 2: acb-repopt, dbb-repopt" in page
+    assert "group 1 (3 rounds): acb-fast, naive; group 2 (5 rounds): acb-repopt, dbb-repopt" in page
     assert "| resnet18 | 2, 32x32 | original (group 2) |" in page
+    assert "| resnet18 | 2, 32x32 | control, second copy of the original (group 2) |" in page
+
+
+@pytest.mark.parametrize("repeats", ["0", "3/4/5", "x", "3/"])
+def test_a_bad_repeats_count_is_refused_naming_the_flag(repeats, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "train", "--variants", "acb-fast/acb-repopt", "--repeats", repeats])
+    assert f"bad --repeats {repeats!r}" in capsys.readouterr().err
+
+
+def test_the_control_beside_the_repopt_variants_is_quoted_under_the_targets():
+    rows = case_rows({"original": (1.0, 1.0, 1.0), "control": (1.02, 1.0, 1.0), "acb-fast": (1.1, 1.1, 1.0)})
+    rows += [{**r, "group": 1} for r in case_rows({"original": (1.0, 1.0, 1.0), "control": (0.98, 1.01, 1.0),
+                                                   "acb-repopt": (1.01, 1.0, 1.0)})]  # fmt: skip
+    page = render.markdown([record(rows)])
+    assert ("timed in the same rounds as the repopt variants, measured 0.98x step time and 1.01x peak memory "
+            "(resnet18, batch 32, 224x224):") in page  # the group-2 control, not group 1's
+    assert "control" not in page.split("## Summary")[1].split("## Targets")[0]  # not a kind: no summary column
