@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--variants", default=",".join(KIND_MODES),
                         help="comma-separated KIND-MODE list; '/' splits it into groups, each timed in training "
-                        "rounds of its own with the original")  # fmt: skip
+                        "rounds of its own with the original and the control")  # fmt: skip
     parser.add_argument("--repeats", help="training rounds (default: the run's own); N/M/... gives each group of "
                         "--variants its own")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -295,7 +295,8 @@ def _control_definition(rows: list[dict]) -> list[str]:
 
 
 def _groups_note(rows: list[dict]) -> list[str]:
-    """How the variants were grouped for timing, when they were: each group's rounds had the original too."""
+    """How the variants were grouped for timing, when they were: each group's rounds had the original and the
+    control too."""
     groups: dict[int, list[str]] = {}
     rounds: dict[int, int] = {}
     for r in rows:
